@@ -1,0 +1,374 @@
+"""Official PyTorch SPANet state_dicts <-> Flax params, in both directions.
+
+One table (`key_map`) lists, for an architecture, every official key with the Flax
+parameter it becomes and how the tensor is laid out; both directions read it.
+Tensors are handled as numpy arrays here; reading and writing `.pth` files (torch)
+happens in `load_state_dict_file` / `save_state_dict_file` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from spanet_jax import registry, spectral
+
+CONTAINER_KEYS = ("state_dict", "model", "state_dict_ema")
+STRIPPED_PREFIXES = ("module.", "backbone.")
+
+
+class ConversionError(Exception):
+  """A checkpoint that cannot be converted; the message says why, for the user."""
+
+
+# How an official tensor maps onto its Flax counterpart.
+CONV = "conv"        # (O, I, kh, kw) <-> (kh, kw, I, O)
+POINTWISE = "1x1"    # (O, I, 1, 1)   <-> (I, O) Dense kernel
+LINEAR = "linear"    # (O, I)         <-> (I, O)
+VECTOR = "vector"    # (C,)           <-> (C,)
+MASK = "mask"        # (1, H, W) centred SPF mask <-> one row of (3, H, W) spectral_masks
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  torch_key: str
+  flax_path: tuple[str, ...]
+  kind: str
+  stage: int = -1  # for MASK entries: which stage and which chunk's lambda
+  chunk: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """What a state_dict says about the model it came from."""
+  layers: tuple[int, ...]
+  dims: tuple[int, ...]
+  num_classes: int
+  features_only: bool
+  mask_sizes: tuple[int, ...]
+
+  def overrides(self) -> dict[str, Any]:
+    """create_model keyword arguments that rebuild this architecture."""
+    return dict(num_classes=self.num_classes, features_only=self.features_only,
+                mask_sizes=self.mask_sizes)
+
+
+def _module(prefix: str, path: tuple[str, ...], kind: str, bias: bool = True) -> list[Entry]:
+  weight_name = "scale" if kind == VECTOR else "kernel"
+  entries = [Entry(f"{prefix}.weight", path + (weight_name,), kind)]
+  if bias:
+    entries.append(Entry(f"{prefix}.bias", path + ("bias",), VECTOR))
+  return entries
+
+
+def key_map(arch: Architecture, res_scale_stages=(False, False, True, True)) -> list[Entry]:
+  """Every official key of `arch`, in official order, with its Flax path."""
+  bb = ("backbone",)
+  entries = _module("patch_embed.proj", bb + ("patch_embed",), CONV)
+  for i, depth in enumerate(arch.layers):
+    if i > 0:
+      entries += _module(f"network.{2 * i - 1}.proj", bb + (f"downsample{i}",), CONV)
+    for j in range(depth):
+      t, f = f"network.{2 * i}.{j}", bb + (f"stage{i}_block{j}",)
+      mixer, fmixer = f"{t}.token_mixer", f + ("token_mixer",)
+      entries += _module(f"{t}.norm1", f + ("norm1",), VECTOR)
+      entries += _module(f"{mixer}.proj_in", fmixer + ("proj_in",), POINTWISE)
+      entries += _module(f"{mixer}.conv.0", fmixer + ("conv_w",), CONV)
+      entries += _module(f"{mixer}.conv.1", fmixer + ("conv_h",), CONV)
+      entries += _module(f"{mixer}.proj_out", fmixer + ("proj_out",), POINTWISE)
+      entries += [Entry(f"{mixer}.sps.{k}.filter", fmixer + ("spectral_masks",), MASK, i, k)
+                  for k in range(len(spectral.SPAM_LAMBDAS))]
+      for k in range(len(spectral.SPAM_LAMBDAS)):
+        entries += _module(f"{mixer}.pws.{k}", fmixer + (f"pws_{k}",), POINTWISE)
+      entries += _module(f"{t}.norm2", f + ("norm2",), VECTOR)
+      entries += _module(f"{t}.mlp.fc1", f + ("mlp", "fc1"), POINTWISE)
+      entries += _module(f"{t}.mlp.fc2", f + ("mlp", "fc2"), POINTWISE)
+      if res_scale_stages[i]:
+        entries += [Entry(f"{t}.res_scale{n}.scale", f + (f"res_scale{n}", "scale"), VECTOR)
+                    for n in (1, 2)]
+  if arch.features_only:
+    for i in range(len(arch.dims)):
+      entries += _module(f"norm{2 * i}", (f"out_norms_{i}",), VECTOR)
+  else:
+    entries += _module("norm", ("norm",), VECTOR)
+    if arch.num_classes > 0:
+      entries += _module("head", ("head",), LINEAR)
+  return entries
+
+
+def _to_flax(array: np.ndarray, kind: str) -> np.ndarray:
+  if kind == CONV:
+    return array.transpose(2, 3, 1, 0)
+  if kind == POINTWISE:
+    return array[:, :, 0, 0].T
+  if kind == LINEAR:
+    return array.T
+  return array
+
+
+def _to_torch(array: np.ndarray, kind: str) -> np.ndarray:
+  if kind == CONV:
+    return array.transpose(3, 2, 0, 1)
+  if kind == POINTWISE:
+    return array.T[:, :, None, None]
+  if kind == LINEAR:
+    return array.T
+  return array
+
+
+def _torch_shape(flax_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+  return _to_torch(np.empty(flax_shape, np.float32), kind).shape
+
+
+# ---------------------------------------------------------------------------------------
+# Reading what a checkpoint holds.
+
+
+def unwrap_state_dict(obj: Any) -> dict[str, np.ndarray]:
+  """The model's tensors from any container seen in the SPANet ecosystem, as numpy.
+
+  Accepts a bare state_dict or one held under state_dict / model / state_dict_ema,
+  with keys prefixed by `module.` (DDP) and/or `backbone.` (mmdet/mmseg, whose other
+  parts -- neck, heads -- are dropped).
+  """
+  if isinstance(obj, Mapping):
+    for key in CONTAINER_KEYS:
+      if isinstance(obj.get(key), Mapping):
+        obj = obj[key]
+        break
+  if not isinstance(obj, Mapping) or not obj:
+    raise ConversionError("the file holds no state_dict (expected a dict of tensors, or one "
+                          f"under {', '.join(repr(k) for k in CONTAINER_KEYS)})")
+  tensors = {}
+  for key, value in obj.items():
+    if not hasattr(value, "shape"):
+      continue  # metadata such as an epoch counter stored beside the tensors
+    tensors[str(key)] = value
+  if not tensors:
+    raise ConversionError("the file's dict holds no tensors")
+  for prefix in STRIPPED_PREFIXES:
+    if any(k.startswith(prefix) for k in tensors):
+      tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+  return {k: _as_numpy(v) for k, v in tensors.items()}
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor
+    value = value.detach().cpu()
+    if value.dtype.is_floating_point:
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+_BLOCK_KEY = re.compile(r"^network\.(\d+)\.(\d+)\.")
+
+
+def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> Architecture:
+  """Read layers, widths, head and mask sizes off an official-layout state_dict."""
+  if "patch_embed.proj.weight" not in state_dict:
+    raise ConversionError("no 'patch_embed.proj.weight' in the file: not a SPANet checkpoint "
+                          f"(first keys: {', '.join(list(state_dict)[:5])})")
+  depth_by_index: dict[int, int] = {}
+  for key in state_dict:
+    match = _BLOCK_KEY.match(key)
+    if match:
+      index, block = int(match.group(1)), int(match.group(2))
+      depth_by_index[index] = max(depth_by_index.get(index, 0), block + 1)
+  stage_indices = sorted(i for i in depth_by_index if i % 2 == 0)
+  if stage_indices != [0, 2, 4, 6]:
+    raise ConversionError("the file's network.* keys do not form four SPANet stages "
+                          f"(found stage indices {stage_indices})")
+  layers = tuple(depth_by_index[i] for i in stage_indices)
+  dims, mask_sizes = [], []
+  for i in stage_indices:
+    norm = state_dict.get(f"network.{i}.0.norm1.weight")
+    mask = state_dict.get(f"network.{i}.0.token_mixer.sps.0.filter")
+    if norm is None or mask is None or mask.ndim != 3:
+      raise ConversionError(f"stage {i // 2} of the file lacks 'network.{i}.0.norm1.weight' or "
+                            f"a (1, H, W) 'network.{i}.0.token_mixer.sps.0.filter'")
+    dims.append(int(norm.shape[0]))
+    mask_sizes.append(int(mask.shape[-1]))
+  features_only = "norm0.weight" in state_dict and "head.weight" not in state_dict
+  head = state_dict.get("head.weight")
+  num_classes = int(head.shape[0]) if head is not None else 0
+  return Architecture(layers, tuple(dims), num_classes, features_only, tuple(mask_sizes))
+
+
+def matching_model(arch: Architecture) -> str | None:
+  """The registered model with these layers and widths, if any."""
+  for name in registry.list_models():
+    a = registry.model_info(name).architecture
+    if tuple(a["layers"]) == arch.layers and tuple(a["dims"]) == arch.dims:
+      return name
+  return None
+
+
+def describe(arch: Architecture) -> str:
+  name = matching_model(arch)
+  shape = f"layers {list(arch.layers)}, dims {list(arch.dims)}"
+  return f"{name} ({shape})" if name else f"no registered SPANet ({shape})"
+
+
+def _list(keys, limit: int = 8) -> str:
+  keys = list(keys)
+  shown = ", ".join(keys[:limit])
+  return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------
+# The two directions.
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], model_name: str | None = None,
+                  learnable_masks: bool = False) -> tuple[str, dict[str, Any], dict]:
+  """Convert an official-layout state_dict.
+
+  Returns (model name, create_model overrides, Flax params). Raises ConversionError
+  naming the missing, unexpected or mis-shaped keys and the variant the file looks like.
+  """
+  arch = infer_architecture(state_dict)
+  if model_name is None:
+    model_name = matching_model(arch)
+    if model_name is None:
+      raise ConversionError(f"cannot tell the model: the file is {describe(arch)}; "
+                            f"known: {', '.join(registry.list_models())}")
+  overrides = arch.overrides()
+  if learnable_masks:
+    overrides["learnable_masks"] = True
+  model = registry.create_model(model_name, **overrides)
+  expected = dataclasses.replace(arch, layers=tuple(model.layers), dims=tuple(model.dims))
+  entries = key_map(expected, tuple(model.res_scale_stages))
+  expected_keys = {e.torch_key for e in entries}
+  missing = [e.torch_key for e in entries if e.torch_key not in state_dict]
+  unexpected = [k for k in state_dict if k not in expected_keys]
+  problems = []
+  if missing:
+    problems.append(f"missing keys: {_list(missing)}")
+  if unexpected:
+    problems.append(f"unexpected keys: {_list(unexpected)}")
+  if problems:
+    raise ConversionError(f"the file does not fit {model_name}: {'; '.join(problems)}. "
+                          f"The file looks like {describe(arch)}.")
+
+  wanted = _param_shapes(model)
+  params: dict = {}
+  masks: dict[tuple[str, ...], list[np.ndarray]] = {}
+  bad_shapes = []
+  for entry in entries:
+    array = state_dict[entry.torch_key]
+    if entry.kind == MASK:
+      size = arch.mask_sizes[entry.stage]
+      if array.shape != (1, size, size):
+        bad_shapes.append(f"{entry.torch_key} {tuple(array.shape)} (expected (1, {size}, {size}))")
+      elif learnable_masks:
+        masks.setdefault(entry.flax_path, []).append(array[0].astype(np.float32))
+      else:
+        _check_mask(entry, array[0], size, model.radii[entry.stage])
+      continue
+    want = _torch_shape(tuple(_get(wanted, entry.flax_path).shape), entry.kind)
+    if tuple(array.shape) != want:
+      bad_shapes.append(f"{entry.torch_key} {tuple(array.shape)} (expected {want})")
+      continue
+    _set(params, entry.flax_path, np.ascontiguousarray(_to_flax(array, entry.kind)))
+  if bad_shapes:
+    raise ConversionError(f"the file does not fit {model_name}: wrong shapes for "
+                          f"{_list(bad_shapes)}. The file looks like {describe(arch)}.")
+  for path, chunks in masks.items():
+    _set(params, path, np.stack(chunks))
+  return model_name, overrides, params
+
+
+def _check_mask(entry: Entry, stored: np.ndarray, size: int, radius: float) -> None:
+  lamb = spectral.SPAM_LAMBDAS[entry.chunk]
+  formula = spectral.centred_mask(size, size, radius, lamb)
+  if not np.array_equal(stored.astype(np.float32), formula):
+    worst = float(np.max(np.abs(stored - formula)))
+    raise ConversionError(
+        f"{entry.torch_key} differs from SPANet's mask formula (radius {radius}, lambda "
+        f"{lamb:.1f}; max difference {worst:.3g}); if the masks were trained, convert them "
+        "as learnable masks")
+
+
+def _param_shapes(model) -> dict:
+  """The Flax model's own parameter shapes (abstract: nothing is computed)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32))
+  return abstract["params"]
+
+
+def flax_to_torch(params: Mapping, model_name: str, overrides: Mapping[str, Any]
+                  ) -> dict[str, np.ndarray]:
+  """Flax params -> an official-layout state_dict (numpy arrays, official key order)."""
+  model = registry.create_model(model_name, **overrides)
+  arch = Architecture(tuple(model.layers), tuple(model.dims), model.num_classes,
+                      model.features_only, tuple(model.mask_sizes))
+  state_dict = {}
+  for entry in key_map(arch, tuple(model.res_scale_stages)):
+    if entry.kind != MASK:
+      array = np.asarray(_get(params, entry.flax_path), np.float32)
+      state_dict[entry.torch_key] = np.ascontiguousarray(_to_torch(array, entry.kind))
+    elif model.learnable_masks:
+      state_dict[entry.torch_key] = np.asarray(
+          _get(params, entry.flax_path), np.float32)[entry.chunk][None].copy()
+    else:
+      size = arch.mask_sizes[entry.stage]
+      state_dict[entry.torch_key] = spectral.centred_mask(
+          size, size, model.radii[entry.stage], spectral.SPAM_LAMBDAS[entry.chunk])[None].copy()
+  return state_dict
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for name in path[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+# ---------------------------------------------------------------------------------------
+# Files.
+
+
+def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
+  """Read a .pth safely (weights_only) and unwrap its container."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+
+  import torch  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isfile(path):
+    raise ConversionError(f"no such file: {path}")
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+          OSError, AttributeError, TypeError) as err:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise ConversionError(f"cannot read {path} as a PyTorch checkpoint (truncated, or not a "
+                          f".pth file?): {first_line}") from None
+  return unwrap_state_dict(obj)
+
+
+def save_state_dict_file(state_dict: Mapping[str, np.ndarray], path: str) -> None:
+  """Write a .pth atomically (temporary file, then rename)."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+  directory = os.path.dirname(os.path.abspath(path))
+  tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+  try:
+    torch.save(tensors, tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

@@ -1,0 +1,141 @@
+"""Small building blocks shared by the SPANet models (NHWC throughout)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# PyTorch's default Conv2d/Linear init (kaiming_uniform with a = sqrt(5)) is a uniform
+# distribution with bound 1 / sqrt(fan_in); its bias uses the same bound.
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# timm's trunc_normal_(std=.02) used for the head and the MLP.
+trunc_normal_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def group_norm(name: str | None = None, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+  """GroupNorm with one group: statistics over (H, W, C) per sample, per-channel affine."""
+  return nn.GroupNorm(num_groups=1, epsilon=1e-5, use_fast_variance=False,
+                      dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def torch_conv(features: int, kernel_size: tuple[int, int], in_features: int,
+               strides: int = 1, padding: int | tuple[int, int] = 0,
+               feature_group_count: int = 1, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
+  """nn.Conv with PyTorch's explicit symmetric padding and default initialisation."""
+  pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
+  fan_in = kernel_size[0] * kernel_size[1] * in_features // feature_group_count
+  return nn.Conv(features, kernel_size, strides=strides,
+                 padding=((pad_h, pad_h), (pad_w, pad_w)),
+                 feature_group_count=feature_group_count,
+                 kernel_init=torch_default_kernel_init,
+                 bias_init=torch_default_bias_init(fan_in),
+                 dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def torch_dense(features: int, in_features: int, dtype: Dtype | None = None,
+                param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+  """A 1x1 convolution as a Dense layer over channels, PyTorch default init."""
+  return nn.Dense(features, kernel_init=torch_default_kernel_init,
+                  bias_init=torch_default_bias_init(in_features),
+                  dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise 2-D convolution, stride 1, 'same' zero padding of kernel // 2.
+
+  The kernel is stored as (kh, kw, 1, C), the layout of a grouped nn.Conv.
+  `impl="shift"` writes the convolution as a sum of shifted, scaled copies of the
+  input: XLA's CPU backend runs grouped convolutions far slower than this.
+  """
+  kernel_size: tuple[int, int]
+  impl: str = "auto"  # "conv", "shift" or "auto" (shift on CPU, conv elsewhere)
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    kh, kw = self.kernel_size
+    kernel = self.param("kernel", torch_default_kernel_init, (kh, kw, 1, channels),
+                        self.param_dtype)
+    bias = self.param("bias", torch_default_bias_init(kh * kw), (channels,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    impl = self.impl
+    if impl == "auto":
+      impl = "shift" if jax.default_backend() == "cpu" else "conv"
+    if impl == "conv":
+      y = jax.lax.conv_general_dilated(
+          x, kernel, window_strides=(1, 1), padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+    elif impl == "shift":
+      height, width = x.shape[1:3]
+      padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+      y = None
+      for i in range(kh):
+        for j in range(kw):
+          term = padded[:, i:i + height, j:j + width, :] * kernel[i, j, 0]
+          y = term if y is None else y + term
+    else:
+      raise ValueError(f"unknown depthwise convolution impl {self.impl!r}")
+    return y + bias
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drop the whole residual branch per sample (rng stream 'dropout')."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class ResScale(nn.Module):
+  """Per-channel multiply of the residual path (MetaFormer's res scale), init 1."""
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    return x * scale.astype(x.dtype)
+
+
+class Mlp(nn.Module):
+  """1x1 conv C -> hidden, exact GELU, dropout, 1x1 conv hidden -> C, dropout."""
+  hidden_features: int
+  dropout_rate: float = 0.0
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    channels = x.shape[-1]
+    dense = lambda features, name: nn.Dense(
+        features, kernel_init=trunc_normal_init, bias_init=nn.initializers.zeros,
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    x = dense(self.hidden_features, "fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    x = dense(channels, "fc2")(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=not train)

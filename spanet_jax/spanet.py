@@ -1,0 +1,189 @@
+"""SPANet (ICCV 2023) in Flax, NHWC. Architecture facts: shared/SPEC.md section 1."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from spanet_jax import layers, spectral
+
+Dtype = Any
+
+
+class SPAM(nn.Module):
+  """Spectral Pooling Aggregation Modulation: the SPANet token mixer."""
+  radius: float
+  mask_size: tuple[int, int]  # feature size the learnable masks are initialised at
+  kernel_size: int = 7
+  learnable_masks: bool = False
+  depthwise_impl: str = "auto"
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  def _half_masks(self, height: int, width: int, channels: int) -> jax.Array:
+    """Per-channel half-spectrum masks (H, W // 2 + 1, C) for this feature size."""
+    if not self.learnable_masks:
+      return jnp.asarray(spectral.channel_mask(height, width, self.radius, channels))
+    init_masks = lambda _: jnp.stack([
+        jnp.asarray(spectral.centred_mask(*self.mask_size, self.radius, lamb))
+        for lamb in spectral.SPAM_LAMBDAS])
+    centred = self.param("spectral_masks", init_masks).astype(jnp.float32)
+    if centred.shape[1:] != (height, width):
+      centred = jax.image.resize(centred, (centred.shape[0], height, width), "cubic")
+    half = spectral.hermitian_half(centred)  # (chunks, H, W // 2 + 1)
+    sizes = spectral.chunk_sizes(channels, len(spectral.SPAM_LAMBDAS))
+    return jnp.repeat(jnp.moveaxis(half, 0, -1), np.array(sizes), axis=-1,
+                      total_repeat_length=channels)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    dense = lambda features, in_features, name: layers.torch_dense(
+        features, in_features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    depthwise = lambda size, name: layers.DepthwiseConv(
+        size, impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+        name=name)
+    k = self.kernel_size
+    x = dense(channels, channels, "proj_in")(x)
+    x = depthwise((1, k), "conv_w")(x)
+    x = depthwise((k, 1), "conv_h")(x)
+
+    height, width = x.shape[1:3]
+    filtered = spectral.spectral_filter(x, self._half_masks(height, width, channels))
+    filtered = filtered.astype(x.dtype)
+    ctx = None
+    start = 0
+    for j, size in enumerate(spectral.chunk_sizes(channels, len(spectral.SPAM_LAMBDAS))):
+      term = dense(channels, size, f"pws_{j}")(filtered[..., start:start + size])
+      ctx = term if ctx is None else ctx + term
+      start += size
+    return dense(channels, channels, "proj_out")(x * ctx)
+
+
+class SPANetBlock(nn.Module):
+  """x = rs1(x) + drop_path(SPAM(norm1(x))); x = rs2(x) + drop_path(MLP(norm2(x)))."""
+  radius: float
+  mask_size: tuple[int, int]
+  mlp_ratio: float = 4.0
+  kernel_size: int = 7
+  drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  res_scale: bool = False
+  learnable_masks: bool = False
+  depthwise_impl: str = "auto"
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    channels = x.shape[-1]
+    norm = lambda name: layers.group_norm(name, self.dtype, self.param_dtype)
+    residual = lambda name: (layers.ResScale(self.param_dtype, name=name)
+                             if self.res_scale else (lambda y: y))
+    drop_path = layers.DropPath(self.drop_path_rate)
+    mixer = SPAM(self.radius, self.mask_size, self.kernel_size, self.learnable_masks,
+                 self.depthwise_impl, self.dtype, self.param_dtype, name="token_mixer")
+    x = residual("res_scale1")(x) + drop_path(mixer(norm("norm1")(x)), train)
+    mlp = layers.Mlp(int(channels * self.mlp_ratio), self.drop_rate, self.dtype,
+                     self.param_dtype, name="mlp")
+    return residual("res_scale2")(x) + drop_path(mlp(norm("norm2")(x), train), train)
+
+
+class SPANetBackbone(nn.Module):
+  """Stem and four stages; returns the output of every stage."""
+  layers: Sequence[int]
+  dims: Sequence[int]
+  radii: Sequence[float]
+  mask_sizes: Sequence[int]
+  res_scale_stages: Sequence[bool]
+  mlp_ratio: float = 4.0
+  kernel_size: int = 7
+  drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  learnable_masks: bool = False
+  depthwise_impl: str = "auto"
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+    conv = lambda features, kernel, stride, pad, in_features, name: layers.torch_conv(
+        features, (kernel, kernel), in_features, strides=stride, padding=pad,
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    x = conv(self.dims[0], 7, 4, 2, x.shape[-1], "patch_embed")(x)
+    total_blocks = sum(self.layers)
+    block_index = 0
+    outputs = []
+    for i, (depth, dim) in enumerate(zip(self.layers, self.dims)):
+      if i > 0:
+        x = conv(dim, 3, 2, 1, self.dims[i - 1], f"downsample{i}")(x)
+      for j in range(depth):
+        rate = self.drop_path_rate * block_index / max(total_blocks - 1, 1)
+        x = SPANetBlock(
+            self.radii[i], (self.mask_sizes[i],) * 2, self.mlp_ratio, self.kernel_size,
+            self.drop_rate, rate, self.res_scale_stages[i], self.learnable_masks,
+            self.depthwise_impl, self.dtype, self.param_dtype,
+            name=f"stage{i}_block{j}")(x, train)
+        block_index += 1
+      outputs.append(x)
+    return tuple(outputs)
+
+
+class SPANet(nn.Module):
+  """SPANet classifier, or a dense-prediction backbone with `features_only=True`.
+
+  `model.apply(variables, images, train=False)` maps NHWC float images to logits
+  (to the four normalised stage outputs when `features_only`).
+  `model.apply(variables, images, method="stage_features")` gives the four stage
+  outputs of any SPANet.
+  """
+  layers: Sequence[int] = (4, 4, 12, 4)
+  dims: Sequence[int] = (64, 128, 320, 512)
+  radii: Sequence[float] = (2, 2, 1, 1)
+  # Feature sizes of the four stages at the 224 training resolution.
+  mask_sizes: Sequence[int] = (56, 28, 14, 7)
+  res_scale_stages: Sequence[bool] = (False, False, True, True)
+  mlp_ratio: float = 4.0
+  kernel_size: int = 7
+  num_classes: int = 1000
+  features_only: bool = False
+  drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  learnable_masks: bool = False
+  depthwise_impl: str = "auto"
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.backbone = SPANetBackbone(
+        self.layers, self.dims, self.radii, self.mask_sizes, self.res_scale_stages,
+        self.mlp_ratio, self.kernel_size, self.drop_rate, self.drop_path_rate,
+        self.learnable_masks, self.depthwise_impl, self.dtype, self.param_dtype)
+    if self.features_only:
+      # The per-stage norms of the official dense-prediction backbones (norm0/2/4/6).
+      self.out_norms = [layers.group_norm(None, self.dtype, self.param_dtype)
+                        for _ in self.dims]
+    else:
+      self.norm = layers.group_norm(None, self.dtype, self.param_dtype)
+      if self.num_classes > 0:
+        self.head = nn.Dense(self.num_classes, kernel_init=layers.trunc_normal_init,
+                             bias_init=nn.initializers.zeros, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+
+  def stage_features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+    """The four stage outputs (B, H/4, W/4, C0) ... (B, H/32, W/32, C3)."""
+    features = self.backbone(x, train)
+    if self.features_only:
+      features = tuple(norm(f) for norm, f in zip(self.out_norms, features))
+    return features
+
+  def __call__(self, x: jax.Array, train: bool = False):
+    if self.features_only:
+      return self.stage_features(x, train)
+    x = self.norm(self.backbone(x, train)[-1])
+    x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
+    return self.head(x) if self.num_classes > 0 else x
