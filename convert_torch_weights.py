@@ -1,0 +1,122 @@
+"""Convert official PyTorch SPANet checkpoints to spanet-jax, and back.
+
+  python convert_torch_weights.py --model spanet_s --input spanet-small.pth --output DIR
+  python convert_torch_weights.py --input spanet-small.pth --output DIR --verify
+  python convert_torch_weights.py --to-torch --input DIR --output spanet-small-from-jax.pth
+
+--model may be omitted: the variant is read off the tensors' shapes. --verify runs the
+converted model and the PyTorch reference on the same weights (random inputs and real
+photographs, at each --verify-sizes resolution) and refuses to write past tolerance.
+Exit status: 0 done, 1 verification failed, 2 bad input. Nothing is written on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split("\n\n", 1)[1])
+  parser.add_argument("--input", required=True,
+                      help="official .pth (or, with --to-torch, a spanet-jax checkpoint dir)")
+  parser.add_argument("--output", required=True,
+                      help="checkpoint directory to write (or, with --to-torch, a .pth file)")
+  parser.add_argument("--model", default=None,
+                      help="spanet_s, spanet_m, spanet_mx, spanet_b or spanet_bx "
+                           "(default: inferred from the file)")
+  parser.add_argument("--to-torch", action="store_true",
+                      help="convert a spanet-jax checkpoint to an official-layout state_dict")
+  parser.add_argument("--learnable-masks", action="store_true",
+                      help="keep the file's spectral masks as trainable parameters instead of "
+                           "checking them against the formula")
+  parser.add_argument("--verify", action="store_true",
+                      help="compare with the PyTorch reference before writing")
+  parser.add_argument("--verify-sizes", type=int, nargs="+", default=[224, 256],
+                      help="input resolutions for --verify (default: 224 256)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --output")
+  return parser.parse_args(argv)
+
+
+class UsageError(Exception):
+  pass
+
+
+def _check_output(path: str, overwrite: bool) -> None:
+  if os.path.exists(path) and not overwrite:
+    raise UsageError(f"{path} already exists; pass --overwrite to replace it")
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise UsageError(f"the directory of --output does not exist: {parent}")
+
+
+def _report(results) -> bool:
+  from spanet_jax import verify  # pylint: disable=g-import-not-at-top
+
+  for result in results:
+    print(f"  {result}")
+  passed = all(r.passed for r in results)
+  print(f"verification {'passed' if passed else 'FAILED'} "
+        f"(tolerance: rel L2 <= {verify.REL_L2_TOLERANCE:g}, identical top-1)")
+  return passed
+
+
+def to_flax(args) -> int:
+  from spanet_jax import checkpoint, convert, registry, verify  # pylint: disable=g-import-not-at-top
+
+  state_dict = convert.load_state_dict_file(args.input)
+  name, overrides, params = convert.torch_to_flax(state_dict, args.model, args.learnable_masks)
+  print(f"read {args.input}: {name}, {len(state_dict)} tensors")
+  if args.verify:
+    model = registry.create_model(name, **overrides)
+    if not _report(verify.verify(model, {"params": params}, state_dict, args.verify_sizes, name)):
+      print(f"error: not written: the converted model disagrees with the reference",
+            file=sys.stderr)
+      return 1
+  checkpoint.save_pretrained(args.output, name, params, overrides,
+                             extra={"source": os.path.basename(args.input)},
+                             overwrite=args.overwrite)
+  print(f"wrote {args.output} (load with spanet_jax.load_pretrained)")
+  return 0
+
+
+def to_torch(args) -> int:
+  from spanet_jax import checkpoint, convert, verify  # pylint: disable=g-import-not-at-top
+
+  metadata = checkpoint.read_metadata(args.input)
+  model, variables = checkpoint.load_pretrained(args.input)
+  state_dict = convert.flax_to_torch(variables["params"], metadata["model"],
+                                     metadata["overrides"])
+  print(f"read {args.input}: {metadata['model']}, {len(state_dict)} tensors")
+  if args.verify:
+    if not _report(verify.verify(model, variables, state_dict, args.verify_sizes,
+                                 metadata["model"])):
+      print("error: not written: the exported state_dict disagrees with the Flax model",
+            file=sys.stderr)
+      return 1
+  convert.save_state_dict_file(state_dict, args.output)
+  print(f"wrote {args.output} (official key layout; loads with strict=True)")
+  return 0
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  from spanet_jax import checkpoint, convert, preprocess, registry  # pylint: disable=g-import-not-at-top
+
+  try:
+    if args.model is not None:
+      registry.model_info(args.model)
+    _check_output(args.output, args.overwrite)
+    return to_torch(args) if args.to_torch else to_flax(args)
+  except (UsageError, convert.ConversionError, checkpoint.CheckpointError,
+          preprocess.ImageError, ValueError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
