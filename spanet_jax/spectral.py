@@ -29,11 +29,16 @@ def _squared_distance(freq_rows: np.ndarray, freq_cols: np.ndarray) -> np.ndarra
 
 
 def _mask_from_squared_distance(d2: np.ndarray, radius: float, lamb: float) -> np.ndarray:
-  """lambda inside the circle, 1 - lambda outside, 1/3 on it (float32 like the official)."""
+  """lambda inside the circle, 1 - lambda outside, 1/3 on it (float32 like the official).
+
+  The result is cached by its callers, so it is returned read-only.
+  """
   lamb32 = np.float32(lamb)
   r2 = radius * radius
   mask = np.where(d2 < r2, lamb32, np.float32(1) - lamb32)
-  return np.where(d2 == r2, np.float32(CUTOFF_VALUE), mask).astype(np.float32)
+  mask = np.where(d2 == r2, np.float32(CUTOFF_VALUE), mask).astype(np.float32)
+  mask.setflags(write=False)
+  return mask
 
 
 def _signed_centred_freqs(n: int) -> np.ndarray:

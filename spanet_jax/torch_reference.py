@@ -62,7 +62,7 @@ class SPF(nn.Module):
 
   def __init__(self, size: int, radius: float, lamb: float):
     super().__init__()
-    mask = torch.from_numpy(spectral.centred_mask(size, size, radius, lamb))
+    mask = torch.tensor(spectral.centred_mask(size, size, radius, lamb))
     self.filter = nn.Parameter(mask[None], requires_grad=False)
 
   def mask_for(self, height: int, width: int) -> torch.Tensor:
