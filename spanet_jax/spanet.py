@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -12,6 +13,8 @@ from flax import linen as nn
 from spanet_jax import layers, spectral
 
 Dtype = Any
+# How the spectral filter is computed; all are exact (see spectral.py).
+SPECTRAL_IMPLS = ("auto", "fft", "lowrank", "dft")
 
 
 class SPAM(nn.Module):
@@ -20,9 +23,34 @@ class SPAM(nn.Module):
   mask_size: tuple[int, int]  # feature size the learnable masks are initialised at
   kernel_size: int = 7
   learnable_masks: bool = False
+  spectral_impl: str = "auto"
   depthwise_impl: str = "auto"
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
+
+  def _spectral_impl(self) -> str:
+    impl = self.spectral_impl
+    if impl not in SPECTRAL_IMPLS:
+      raise ValueError(f"unknown spectral_impl {impl!r}; choose from {', '.join(SPECTRAL_IMPLS)}")
+    if impl == "auto":
+      if not self.learnable_masks:
+        return "lowrank"
+      return "fft" if jax.default_backend() == "cpu" else "dft"
+    if impl == "lowrank" and self.learnable_masks:
+      raise ValueError("spectral_impl='lowrank' needs the fixed masks; with learnable masks "
+                       "use 'fft' or 'dft'")
+    return impl
+
+  def _filter(self, x: jax.Array) -> jax.Array:
+    """The spectral pooling filter of every channel chunk, in float32."""
+    height, width, channels = x.shape[1:]
+    impl = self._spectral_impl()
+    if impl == "lowrank":
+      return spectral.lowrank_spectral_filter(x, self.radius)
+    masks = self._half_masks(height, width, channels)
+    if impl == "dft":
+      return spectral.dft_spectral_filter(x, masks)
+    return spectral.spectral_filter(x, masks)
 
   def _half_masks(self, height: int, width: int, channels: int) -> jax.Array:
     """Per-channel half-spectrum masks (H, W // 2 + 1, C) for this feature size."""
@@ -48,20 +76,23 @@ class SPAM(nn.Module):
         size, impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype,
         name=name)
     k = self.kernel_size
-    x = dense(channels, channels, "proj_in")(x)
+    shape = x.shape
+    flat = lambda y: y.reshape(-1, y.shape[-1])  # 1x1 convs as 2-D products: see layers.Mlp
+    x = dense(channels, channels, "proj_in")(flat(x)).reshape(shape)
     x = depthwise((1, k), "conv_w")(x)
     x = depthwise((k, 1), "conv_h")(x)
 
-    height, width = x.shape[1:3]
-    filtered = spectral.spectral_filter(x, self._half_masks(height, width, channels))
-    filtered = filtered.astype(x.dtype)
-    ctx = None
-    start = 0
-    for j, size in enumerate(spectral.chunk_sizes(channels, len(spectral.SPAM_LAMBDAS))):
-      term = dense(channels, size, f"pws_{j}")(filtered[..., start:start + size])
-      ctx = term if ctx is None else ctx + term
-      start += size
-    return dense(channels, channels, "proj_out")(x * ctx)
+    # ctx = sum_j pws_j(chunk_j) is one product with the pws kernels stacked along their
+    # inputs: slicing the chunks out would cost more than the products themselves.
+    filtered = flat(self._filter(x).astype(x.dtype))
+    sizes = spectral.chunk_sizes(channels, len(spectral.SPAM_LAMBDAS))
+    kernels, biases = zip(*[
+        layers.DenseParams(size, channels, self.param_dtype, name=f"pws_{j}")()
+        for j, size in enumerate(sizes)])
+    kernel, bias = jnp.concatenate(kernels, axis=0), sum(biases)
+    filtered, kernel, bias = nn.dtypes.promote_dtype(filtered, kernel, bias, dtype=self.dtype)
+    ctx = filtered @ kernel + bias
+    return dense(channels, channels, "proj_out")(flat(x) * ctx).reshape(shape)
 
 
 class SPANetBlock(nn.Module):
@@ -74,6 +105,7 @@ class SPANetBlock(nn.Module):
   drop_path_rate: float = 0.0
   res_scale: bool = False
   learnable_masks: bool = False
+  spectral_impl: str = "auto"
   depthwise_impl: str = "auto"
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -85,8 +117,10 @@ class SPANetBlock(nn.Module):
     residual = lambda name: (layers.ResScale(self.param_dtype, name=name)
                              if self.res_scale else (lambda y: y))
     drop_path = layers.DropPath(self.drop_path_rate)
-    mixer = SPAM(self.radius, self.mask_size, self.kernel_size, self.learnable_masks,
-                 self.depthwise_impl, self.dtype, self.param_dtype, name="token_mixer")
+    mixer = SPAM(radius=self.radius, mask_size=self.mask_size, kernel_size=self.kernel_size,
+                 learnable_masks=self.learnable_masks, spectral_impl=self.spectral_impl,
+                 depthwise_impl=self.depthwise_impl, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="token_mixer")
     x = residual("res_scale1")(x) + drop_path(mixer(norm("norm1")(x)), train)
     mlp = layers.Mlp(int(channels * self.mlp_ratio), self.drop_rate, self.dtype,
                      self.param_dtype, name="mlp")
@@ -105,29 +139,33 @@ class SPANetBackbone(nn.Module):
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   learnable_masks: bool = False
+  spectral_impl: str = "auto"
   depthwise_impl: str = "auto"
+  conv_impl: str = "auto"
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
-    conv = lambda features, kernel, stride, pad, in_features, name: layers.torch_conv(
-        features, (kernel, kernel), in_features, strides=stride, padding=pad,
-        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    x = conv(self.dims[0], 7, 4, 2, x.shape[-1], "patch_embed")(x)
+    conv = lambda features, kernel, stride, pad, name: layers.StridedConv(
+        features, (kernel, kernel), stride, pad, impl=self.conv_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
+    x = conv(self.dims[0], 7, 4, 2, "patch_embed")(x)
     total_blocks = sum(self.layers)
     block_index = 0
     outputs = []
     for i, (depth, dim) in enumerate(zip(self.layers, self.dims)):
       if i > 0:
-        x = conv(dim, 3, 2, 1, self.dims[i - 1], f"downsample{i}")(x)
+        x = conv(dim, 3, 2, 1, f"downsample{i}")(x)
       for j in range(depth):
         rate = self.drop_path_rate * block_index / max(total_blocks - 1, 1)
         x = SPANetBlock(
-            self.radii[i], (self.mask_sizes[i],) * 2, self.mlp_ratio, self.kernel_size,
-            self.drop_rate, rate, self.res_scale_stages[i], self.learnable_masks,
-            self.depthwise_impl, self.dtype, self.param_dtype,
-            name=f"stage{i}_block{j}")(x, train)
+            radius=self.radii[i], mask_size=(self.mask_sizes[i],) * 2,
+            mlp_ratio=self.mlp_ratio, kernel_size=self.kernel_size, drop_rate=self.drop_rate,
+            drop_path_rate=rate, res_scale=self.res_scale_stages[i],
+            learnable_masks=self.learnable_masks, spectral_impl=self.spectral_impl,
+            depthwise_impl=self.depthwise_impl, dtype=self.dtype,
+            param_dtype=self.param_dtype, name=f"stage{i}_block{j}")(x, train)
         block_index += 1
       outputs.append(x)
     return tuple(outputs)
@@ -154,15 +192,16 @@ class SPANet(nn.Module):
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   learnable_masks: bool = False
+  spectral_impl: str = "auto"
   depthwise_impl: str = "auto"
+  conv_impl: str = "auto"
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.backbone = SPANetBackbone(
-        self.layers, self.dims, self.radii, self.mask_sizes, self.res_scale_stages,
-        self.mlp_ratio, self.kernel_size, self.drop_rate, self.drop_path_rate,
-        self.learnable_masks, self.depthwise_impl, self.dtype, self.param_dtype)
+    backbone_fields = [f.name for f in dataclasses.fields(SPANetBackbone)
+                       if f.name not in ("parent", "name")]
+    self.backbone = SPANetBackbone(**{f: getattr(self, f) for f in backbone_fields})
     if self.features_only:
       # The per-stage norms of the official dense-prediction backbones (norm0/2/4/6).
       self.out_norms = [layers.group_norm(None, self.dtype, self.param_dtype)

@@ -108,3 +108,108 @@ def reference_spectral_filter(x: np.ndarray, centred: np.ndarray) -> np.ndarray:
   spectrum = np.fft.fftshift(np.fft.fft2(x, axes=(1, 2), norm="ortho"), axes=(1, 2))
   spectrum = spectrum * centred[None, :, :, None]
   return np.fft.ifft2(np.fft.ifftshift(spectrum, axes=(1, 2)), axes=(1, 2), norm="ortho").real
+
+
+# ---------------------------------------------------------------------------------------
+# Other exact formulations of the same filter, chosen by SPAM's `spectral_impl`.
+
+
+@functools.lru_cache(maxsize=None)
+def lowrank_factors(height: int, width: int, radius: float,
+                    lambdas: tuple[float, ...] = SPAM_LAMBDAS):
+  """The fixed-mask filter as (1 - lambda) * x plus a rank-K correction.
+
+  Outside the circle of radius r the mask is the constant 1 - lambda, so
+      y = (1 - lambda) x + sum_{|k| <= r} (M(k) - (1 - lambda)) <x, e_k> e_k.
+  The frequencies k and -k share one cosine and one sine basis function, so K is at most
+  13 for r = 2 and 5 for r = 1. Returns
+      basis (H, W, K): orthogonal real Fourier functions,
+      weights (K, n): the correction per basis function and lambda, 1/(HW) included,
+      identity (n,): 1 - lambda.
+  """
+  rows = np.rint(np.fft.fftfreq(height) * height)
+  cols = np.rint(np.fft.fftfreq(width) * width)
+  d2 = _squared_distance(rows, cols)
+  h = np.arange(height)[:, None]
+  w = np.arange(width)[None, :]
+  basis, weights, seen = [], [], set()
+  for u, v in zip(*np.nonzero(d2 <= radius * radius)):
+    conjugate = ((-u) % height, (-v) % width)
+    if (u, v) in seen:
+      continue
+    seen.update({(u, v), conjugate})
+    phase = 2 * np.pi * (u * h / height + v * w / width)
+    deltas = np.array([_mask_from_squared_distance(d2[u, v], radius, lamb) - (1 - np.float32(lamb))
+                       for lamb in lambdas], np.float64) / (height * width)
+    if conjugate == (u, v):  # a real frequency (DC or Nyquist): its sine vanishes
+      basis.append(np.cos(phase))
+      weights.append(deltas)
+    else:  # k and -k: the cosine and sine parts, each counted twice
+      basis += [np.cos(phase), np.sin(phase)]
+      weights += [2 * deltas, 2 * deltas]
+  identity = np.array([1 - np.float32(lamb) for lamb in lambdas], np.float32)
+  return (np.stack(basis, -1).astype(np.float32), np.stack(weights).astype(np.float32), identity)
+
+
+def lowrank_spectral_filter(x: jax.Array, radius: float,
+                            lambdas: Sequence[float] = SPAM_LAMBDAS) -> jax.Array:
+  """The fixed-mask filter of x (B, H, W, C) by two small matrix products, in float32."""
+  height, width, channels = x.shape[1:]
+  basis, weights, identity = lowrank_factors(height, width, radius, tuple(lambdas))
+  sizes = chunk_sizes(channels, len(lambdas))
+  weights = np.repeat(weights, sizes, axis=1)  # (K, C)
+  identity = np.repeat(identity, sizes)  # (C,)
+  batch = x.shape[0]
+  x = x.astype(jnp.float32).reshape(batch, height * width, channels)
+  basis = basis.reshape(height * width, -1)
+  # Batched products against the broadcast basis keep x in its (B, HW, C) layout;
+  # contracting HW in an einsum over (B, H, W, C) made XLA:CPU transpose x first.
+  project = jnp.broadcast_to(basis.T, (batch,) + basis.T.shape)  # (B, K, HW)
+  expand = jnp.broadcast_to(basis, (batch,) + basis.shape)  # (B, HW, K)
+  hi = jax.lax.Precision.HIGHEST
+  coefficients = jnp.matmul(project, x, precision=hi) * weights  # (B, K, C)
+  y = x * identity + jnp.matmul(expand, coefficients, precision=hi)
+  return y.reshape(batch, height, width, channels)
+
+
+@functools.lru_cache(maxsize=None)
+def _dft_matrices(height: int, width: int):
+  """Real and imaginary parts of the DFT along H (H x H) and the real DFT along W."""
+  u = np.arange(height)
+  theta_h = 2 * np.pi * np.outer(u, u) / height
+  k = np.arange(width // 2 + 1)
+  theta_w = 2 * np.pi * np.outer(np.arange(width), k) / width  # (W, W // 2 + 1)
+  # irfft counts every bin but DC (and Nyquist, for even W) twice.
+  multiplicity = np.full(width // 2 + 1, 2.0)
+  multiplicity[0] = 1.0
+  if width % 2 == 0:
+    multiplicity[-1] = 1.0
+  scale = 1.0 / np.sqrt(height * width)
+  as32 = lambda a: np.asarray(a, np.float32)
+  return (as32(np.cos(theta_h)), as32(np.sin(theta_h)),
+          as32(np.cos(theta_w) * scale), as32(np.sin(theta_w) * scale),
+          as32((np.cos(theta_w) * multiplicity).T * scale),
+          as32((np.sin(theta_w) * multiplicity).T * scale))
+
+
+def dft_spectral_filter(x: jax.Array, mask_half: jax.Array) -> jax.Array:
+  """The filter of `spectral_filter` with the DFTs written as dense matrix products.
+
+  Matrix units run these far better than FFTs at SPANet's feature sizes (7 to 56).
+  """
+  height, width = x.shape[1:3]
+  cos_h, sin_h, cos_w, sin_w, icos_w, isin_w = _dft_matrices(height, width)
+  hi = jax.lax.Precision.HIGHEST
+  mm = lambda spec, a, b: jnp.einsum(spec, a, b, precision=hi)
+  x = x.astype(jnp.float32)
+  # Forward: real DFT along W, then the complex DFT (cos - i sin) along H.
+  re = mm("bhwc,wk->bhkc", x, cos_w)
+  im = -mm("bhwc,wk->bhkc", x, sin_w)
+  re, im = (mm("uh,bhkc->bukc", cos_h, re) + mm("uh,bhkc->bukc", sin_h, im),
+            mm("uh,bhkc->bukc", cos_h, im) - mm("uh,bhkc->bukc", sin_h, re))
+  mask = mask_half.astype(jnp.float32)
+  re, im = re * mask, im * mask
+  # Inverse: complex DFT (cos + i sin) along H, then the real inverse along W.
+  re, im = (mm("uh,bukc->bhkc", cos_h, re) - mm("uh,bukc->bhkc", sin_h, im),
+            mm("uh,bukc->bhkc", cos_h, im) + mm("uh,bukc->bhkc", sin_h, re))
+  return mm("bhkc,kw->bhwc", re, icos_w) - mm("bhkc,kw->bhwc", im, isin_w)

@@ -154,7 +154,11 @@ def test_bfloat16_forward_close_to_float32(tiny_variables):
   assert half.dtype == jnp.bfloat16
   half = np.asarray(half, np.float32)
   assert np.linalg.norm(half - full) / np.linalg.norm(full) < 2e-2
-  assert "complex64" in str(jax.make_jaxpr(half_model.apply)(variables, x))
+  # The spectral filter stays in float32: the low-rank projections (B, 13, C) of the
+  # default path, the complex64 spectra of the FFT path.
+  assert "f32[2,13,8]" in str(jax.make_jaxpr(half_model.apply)(variables, x))
+  fft_model = spanet_jax.create_model(TINY, dtype=jnp.bfloat16, spectral_impl="fft")
+  assert "complex64" in str(jax.make_jaxpr(fft_model.apply)(variables, x))
 
 
 def test_learnable_masks_start_at_the_formula_and_train(tiny_variables):
@@ -200,3 +204,29 @@ def test_pretrained_directory_round_trip(tmp_path):
   with pytest.raises(spanet_jax.checkpoint.CheckpointError, match="no such checkpoint"):
     spanet_jax.load_pretrained(str(tmp_path / "missing"))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging left behind
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(spectral_impl="fft"), dict(spectral_impl="dft"), dict(conv_impl="conv"),
+    dict(conv_impl="im2col", spectral_impl="lowrank", depthwise_impl="shift")])
+def test_every_implementation_computes_the_default_model(overrides, tiny_variables):
+  x = jax.random.normal(jax.random.PRNGKey(7), (2, 64, 96, 3))
+  default = apply(spanet_jax.create_model(TINY), tiny_variables, x)
+  other = apply(spanet_jax.create_model(TINY, **overrides), tiny_variables, x)
+  np.testing.assert_allclose(other, default, rtol=1e-5, atol=1e-5)
+
+
+def test_default_paths_on_cpu():
+  from spanet_jax import spanet
+  assert spanet.SPAM(radius=2, mask_size=(56, 56))._spectral_impl() == "lowrank"
+  assert spanet.SPAM(radius=2, mask_size=(56, 56), learnable_masks=True)._spectral_impl() == "fft"
+
+
+def test_lowrank_needs_fixed_masks_and_impls_are_checked():
+  x = jnp.ones((1, 64, 64, 3))
+  with pytest.raises(ValueError, match="'lowrank' needs the fixed masks"):
+    jax.eval_shape(spanet_jax.create_model(TINY, learnable_masks=True, spectral_impl="lowrank").init,
+                   jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match="unknown spectral_impl 'fast'"):
+    jax.eval_shape(spanet_jax.create_model(TINY, spectral_impl="fast").init,
+                   jax.random.PRNGKey(0), x)

@@ -81,3 +81,34 @@ def test_filter_computes_in_float32_for_bfloat16_input():
   jaxpr = str(jax.make_jaxpr(spectral.spectral_filter)(x, half))
   assert "fft" in jaxpr and "complex64" in jaxpr
   assert spectral.spectral_filter(x, half).dtype == jnp.float32
+
+
+SIZES = [(56, 56, 2), (28, 28, 2), (14, 14, 1), (7, 7, 1), (9, 12, 2), (13, 6, 1), (2, 3, 1),
+         (1, 1, 1), (4, 4, 2)]
+
+
+@pytest.mark.parametrize("height,width,radius", SIZES)
+def test_lowrank_filter_equals_rfft_filter(height, width, radius, rng):
+  channels = 7  # chunks of 3, 3, 1: every lambda in play
+  x = rng.standard_normal((2, height, width, channels)).astype(np.float32)
+  half = spectral.channel_mask(height, width, radius, channels)
+  want = np.asarray(spectral.spectral_filter(jnp.asarray(x), jnp.asarray(half)))
+  got = np.asarray(spectral.lowrank_spectral_filter(jnp.asarray(x), radius))
+  np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("radius,rank", [(2, 13), (1, 5)])
+def test_lowrank_rank_is_at_most_13(radius, rank):
+  basis, weights, identity = spectral.lowrank_factors(56, 56, radius)
+  assert basis.shape == (56, 56, rank) and weights.shape == (rank, 3)
+  np.testing.assert_array_equal(identity, [np.float32(1) - np.float32(l)
+                                           for l in spectral.SPAM_LAMBDAS])
+
+
+@pytest.mark.parametrize("height,width,radius", SIZES)
+def test_dft_filter_equals_rfft_filter_for_any_mask(height, width, radius, rng):
+  x = rng.standard_normal((2, height, width, 4)).astype(np.float32)
+  half = rng.uniform(0, 1, (height, width // 2 + 1, 4)).astype(np.float32)
+  want = np.asarray(spectral.spectral_filter(jnp.asarray(x), jnp.asarray(half)))
+  got = np.asarray(spectral.dft_spectral_filter(jnp.asarray(x), jnp.asarray(half)))
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)

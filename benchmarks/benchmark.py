@@ -1,0 +1,295 @@
+"""Throughput, compile time and peak memory: spanet-jax vs PyTorch, same machine, same run.
+
+  python benchmarks/benchmark.py --models spanet_s spanet_m spanet_b
+  python benchmarks/benchmark.py --official-file /path/to/SPANet-official/image_classification/spanet.py
+
+For each model it times, alternating between the frameworks after warm-up, one batch
+of: the forward pass (JAX: `create_model(name)` under jax.jit; PyTorch: eval mode,
+no_grad) and an AdamW training step (cross-entropy, backward, update), and reports
+the median of the repeats and the JAX/PyTorch ratios. Peak memory of the training
+step is measured in a fresh process per framework (peak RSS while steps run, after
+warm-up, minus the RSS before them).
+
+The PyTorch side is our reference (spanet_jax.torch_reference) unless --official-file
+points at the official repository's spanet.py, which is then imported with small
+stand-ins for the timm helpers it uses (timm itself does not install beside torch 2.13).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+
+OFFICIAL_BUILDERS = {"spanet_s": "spanet_small", "spanet_m": "spanet_medium",
+                     "spanet_mx": "spanet_mediumX", "spanet_b": "spanet_base",
+                     "spanet_bx": "spanet_baseX"}
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--models", nargs="+", default=["spanet_s", "spanet_m", "spanet_b"])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--size", type=int, default=224)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--modes", nargs="+", default=["forward", "train"],
+                      choices=["forward", "train"])
+  parser.add_argument("--official-file", default=None,
+                      help="the official spanet.py, to benchmark against it instead of our "
+                           "PyTorch reference")
+  parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+  parser.add_argument("--json", default=None, help="also write the results here")
+  parser.add_argument("--memory-probe", nargs=2, metavar=("FRAMEWORK", "MODEL"),
+                      help=argparse.SUPPRESS)
+  return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------
+# PyTorch side.
+
+
+def _timm_stand_ins():
+  """The four timm helpers the official file imports, written here."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  class DropPath(torch.nn.Module):
+    def __init__(self, drop_prob=0.0):
+      super().__init__()
+      self.drop_prob = drop_prob
+
+    def forward(self, x):
+      if not self.training or self.drop_prob == 0.0:
+        return x
+      keep = 1 - self.drop_prob
+      return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep) / keep
+
+  layers = types.ModuleType("timm.models.layers")
+  layers.trunc_normal_ = lambda tensor, std=1.0: torch.nn.init.trunc_normal_(tensor, std=std)
+  layers.DropPath = DropPath
+  helpers = types.ModuleType("timm.models.layers.helpers")
+  helpers.to_2tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+  registry = types.ModuleType("timm.models.registry")
+  registry.register_model = lambda fn: fn
+  data = types.ModuleType("timm.data")
+  data.IMAGENET_DEFAULT_MEAN, data.IMAGENET_DEFAULT_STD = (0.485, 0.456, 0.406), (
+      0.229, 0.224, 0.225)
+  models = types.ModuleType("timm.models")
+  timm = types.ModuleType("timm")
+  return {"timm": timm, "timm.models": models, "timm.models.layers": layers,
+          "timm.models.layers.helpers": helpers, "timm.models.registry": registry,
+          "timm.data": data}
+
+
+def build_torch_model(name: str, official_file: str | None):
+  if official_file is None:
+    from spanet_jax import registry, torch_reference  # pylint: disable=g-import-not-at-top
+    return torch_reference.SPANet(**registry.model_info(name).architecture), "reference"
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  sys.modules.update(_timm_stand_ins())
+  spec = importlib.util.spec_from_file_location("official_spanet", official_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  with contextlib.redirect_stdout(io.StringIO()):  # it prints its lambdas per block
+    return getattr(module, OFFICIAL_BUILDERS[name])(), "official"
+
+
+def torch_runners(model, batch: np.ndarray, labels: np.ndarray):
+  import torch  # pylint: disable=g-import-not-at-top
+
+  x = torch.from_numpy(batch.transpose(0, 3, 1, 2).copy())
+  y = torch.from_numpy(labels)
+  optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                lr=1e-3, weight_decay=0.05)
+
+  def forward():
+    model.eval()
+    with torch.no_grad():
+      model(x)
+
+  def train_step():
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+
+  return {"forward": forward, "train": train_step}
+
+
+# ---------------------------------------------------------------------------------------
+# JAX side.
+
+
+def jax_runners(name: str, torch_model, batch: np.ndarray, labels: np.ndarray):
+  """Runners and compile times for create_model(name), with the torch model's weights."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  import spanet_jax  # pylint: disable=g-import-not-at-top
+  from spanet_jax import convert  # pylint: disable=g-import-not-at-top
+
+  state_dict = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+  model_name, overrides, params = convert.torch_to_flax(state_dict, name)
+  model = spanet_jax.create_model(model_name, **overrides)
+  params = jax.device_put(params)
+  x, y = jax.device_put(batch), jax.device_put(labels)
+  optimizer = optax.adamw(1e-3, weight_decay=0.05)
+
+  def loss_fn(p, x, y):
+    logits = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def step(p, opt_state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
+    updates, opt_state = optimizer.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state, loss
+
+  compile_seconds = {}
+  start = time.perf_counter()
+  forward_fn = jax.jit(model.apply).lower({"params": params}, x).compile()
+  compile_seconds["forward"] = time.perf_counter() - start
+  state = {"params": params, "opt": optimizer.init(params)}
+  start = time.perf_counter()
+  step_fn = jax.jit(step, donate_argnums=(0, 1)).lower(
+      state["params"], state["opt"], x, y).compile()
+  compile_seconds["train"] = time.perf_counter() - start
+
+  def forward():
+    forward_fn({"params": params}, x).block_until_ready()
+
+  def train_step():
+    state["params"], state["opt"], loss = step_fn(state["params"], state["opt"], x, y)
+    loss.block_until_ready()
+
+  return {"forward": forward, "train": train_step}, compile_seconds
+
+
+# ---------------------------------------------------------------------------------------
+# Measurement.
+
+
+def _rss_kib(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_probe(framework: str, name: str, args) -> None:
+  """Child process: peak RSS growth (MiB) during steady-state training steps."""
+  batch, labels = _inputs(args)
+  torch_model, _ = build_torch_model(name, args.official_file)
+  if framework == "jax":
+    runners, _ = jax_runners(name, torch_model, batch, labels)
+  else:
+    runners = torch_runners(torch_model, batch, labels)
+  for _ in range(args.warmup):
+    runners["train"]()
+  before = _rss_kib("VmRSS")
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current RSS
+  for _ in range(2):
+    runners["train"]()
+  print(json.dumps({"peak_mib": (_rss_kib("VmHWM") - before) / 1024}))
+
+
+def _inputs(args):
+  rng = np.random.default_rng(0)
+  batch = rng.standard_normal((args.batch, args.size, args.size, 3)).astype(np.float32)
+  return batch, rng.integers(0, 1000, args.batch).astype(np.int64)
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def benchmark_model(name: str, args) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(os.cpu_count())
+  batch, labels = _inputs(args)
+  torch_model, torch_kind = build_torch_model(name, args.official_file)
+  runners = {"torch": torch_runners(torch_model, batch, labels)}
+  runners["jax"], compile_seconds = jax_runners(name, torch_model, batch, labels)
+  result = {"model": name, "torch_model": torch_kind, "jax_compile_s": compile_seconds}
+  for mode in args.modes:
+    for _ in range(args.warmup):
+      for framework in ("jax", "torch"):
+        runners[framework][mode]()
+    times = {"jax": [], "torch": []}
+    for _ in range(args.repeats):  # alternate, so drifts in machine load hit both
+      for framework in ("jax", "torch"):
+        times[framework].append(_timed(runners[framework][mode]))
+    for framework, samples in times.items():
+      result[f"{framework}_{mode}_img_s"] = args.batch / statistics.median(samples)
+    result[f"{mode}_ratio"] = result[f"jax_{mode}_img_s"] / result[f"torch_{mode}_img_s"]
+  if not args.no_memory and "train" in args.modes:
+    for framework in ("jax", "torch"):
+      command = [sys.executable, os.path.abspath(__file__), "--memory-probe", framework, name,
+                 "--batch", str(args.batch), "--size", str(args.size)]
+      if args.official_file:
+        command += ["--official-file", args.official_file]
+      probe = subprocess.run(command, capture_output=True, text=True, check=True)
+      result[f"{framework}_train_peak_mib"] = json.loads(
+          probe.stdout.strip().splitlines()[-1])["peak_mib"]
+  return result
+
+
+def machine_description() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return (f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} "
+          f"({jax.default_backend()}: {jax.devices()[0].device_kind}), torch {torch.__version__}")
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  if args.memory_probe:
+    memory_probe(*args.memory_probe, args)
+    return
+  print(f"machine: {machine_description()}")
+  print(f"batch {args.batch}, {args.size}x{args.size}, float32, median of {args.repeats} "
+        f"after {args.warmup} warm-up\n")
+  header = (f"{'model':<10} {'torch':<9} {'mode':<8} {'jax img/s':>10} {'torch img/s':>12} "
+            f"{'ratio':>6} {'jax compile s':>14} {'jax peak MiB':>13} {'torch peak MiB':>15}")
+  print(header)
+  results = []
+  for name in args.models:
+    result = benchmark_model(name, args)
+    results.append(result)
+    for mode in args.modes:
+      peak = lambda fw: (f"{result[f'{fw}_train_peak_mib']:.0f}"
+                         if mode == "train" and f"{fw}_train_peak_mib" in result else "-")
+      print(f"{name:<10} {result['torch_model']:<9} {mode:<8} "
+            f"{result[f'jax_{mode}_img_s']:>10.2f} {result[f'torch_{mode}_img_s']:>12.2f} "
+            f"{result[f'{mode}_ratio']:>6.2f} {result['jax_compile_s'][mode]:>14.1f} "
+            f"{peak('jax'):>13} {peak('torch'):>15}", flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"machine": machine_description(), "args": vars(args), "results": results},
+                f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
