@@ -1,0 +1,12 @@
+"""SPANet-BX on ImageNet-1k with the official recipe (shared/SPEC.md).
+
+The paper gives no drop-path rate for this variant; ours continues S, M, B's trend."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model = "spanet_bx"
+  config.drop_path_rate = 0.4
+  return config

@@ -1,0 +1,222 @@
+"""Input pipelines through TFDS: ImageNet, any TFDS image-classification dataset, a
+class-per-folder tree, and `sklearn_digits`, a small real dataset prepared from
+scikit-learn on first use (the demo's).
+
+Each process reads only its own share (tfds.split_for_jax_process). Training batches
+are deterministic functions of (seed, epoch, position), so a resumed run continues
+with exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Iterator
+
+import numpy as np
+
+# TensorFlow is only a data reader here: keep it off any accelerator and quiet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top
+import tensorflow_datasets as tfds  # noqa: E402  pylint: disable=g-import-not-at-top
+
+tf.config.set_visible_devices([], "GPU")
+
+
+class DataError(Exception):
+  """A dataset that cannot be found or read; the message says what to do."""
+
+
+class SklearnDigits(tfds.core.GeneratorBasedBuilder):
+  """scikit-learn's 1,797 handwritten digits (8x8 grey), split 1,437 train / 360 test."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(8, 8, 1)),
+            "label": tfds.features.ClassLabel(num_classes=10),
+        }),
+        supervised_keys=("image", "label"),
+        description="scikit-learn load_digits(), fixed 80/20 split (seed 0).")
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download: the data ships inside scikit-learn
+    return {"train": self._generate_examples("train"), "test": self._generate_examples("test")}
+
+  def _generate_examples(self, split):
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    order = order[:1437] if split == "train" else order[1437:]
+    for index in order:
+      image = np.rint(digits.images[index] * (255.0 / 16.0)).astype(np.uint8)[..., None]
+      yield int(index), {"image": image, "label": int(digits.target[index])}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A dataset split as this process reads it."""
+  builder: tfds.core.DatasetBuilder
+  split: str
+  num_examples: int  # in the whole split, over all processes
+
+
+def make_builder(config) -> tfds.core.DatasetBuilder:
+  data_dir = config.data_dir or None
+  if config.folder:
+    if not os.path.isdir(config.folder):
+      raise DataError(f"no such folder: {config.folder} (expected {config.folder}/train/<class>/"
+                      f"*.JPEG and {config.folder}/val/<class>/*)")
+    return tfds.ImageFolder(config.folder)
+  if config.dataset == "sklearn_digits":
+    builder = SklearnDigits(data_dir=data_dir)
+    builder.download_and_prepare()
+    return builder
+  try:
+    builder = tfds.builder(config.dataset, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as err:
+    raise DataError(f"TFDS has no dataset {config.dataset!r}: {str(err).splitlines()[0]}") from None
+  if not builder.is_prepared():
+    manual_dir = config.manual_dir or None
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except (AssertionError, FileNotFoundError, OSError, tfds.core.utils.py_utils.NonMatchingChecksumError) as err:
+      where = manual_dir or os.path.join(builder.data_dir, "..", "downloads", "manual")
+      raise DataError(
+          f"dataset {config.dataset!r} is not prepared and could not be prepared: "
+          f"{str(err).strip().splitlines()[0]}. For imagenet2012, download "
+          f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org and put "
+          f"them in {os.path.normpath(where)} (or pass --config.manual_dir), or point "
+          f"--config.folder at a train/<class>/ val/<class>/ tree.") from None
+  return builder
+
+
+def make_source(builder, split: str) -> Source:
+  if split not in builder.info.splits:
+    raise DataError(f"split {split!r} not in {builder.info.name}: "
+                    f"{', '.join(sorted(builder.info.splits))}")
+  return Source(builder, split, builder.info.splits[split].num_examples)
+
+
+def _image_and_label(*example):
+  """(image, label) from a supervised tuple or a features dict."""
+  if len(example) == 2:
+    return example
+  return example[0]["image"], example[0]["label"]
+
+
+def _to_rgb_float(image):
+  image = tf.convert_to_tensor(image)
+  # Grey images become RGB; RGBA loses alpha (channel count may be known only at run time).
+  image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]),
+                  lambda: image[..., :3])
+  image = tf.ensure_shape(image, [None, None, 3])
+  return tf.cast(image, tf.float32) / 255.0
+
+
+def _normalize(image, mean, std):
+  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def train_preprocess(image, seed, config, mean, std):
+  """Random resized crop (scale, ratio), horizontal flip, normalise. Stateless: `seed`."""
+  image = _to_rgb_float(image)
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=(1, 1, 4)),
+      seed=crop_seed, min_object_covered=0.0, aspect_ratio_range=list(config.crop_ratio),
+      area_range=list(config.crop_scale), max_attempts=10, use_image_if_no_bounding_boxes=True)
+  image = tf.slice(image, begin, size)
+  image = tf.image.resize(image, (config.image_size, config.image_size), method="bicubic")
+  flip = tf.random.stateless_uniform((), flip_seed) < config.hflip
+  image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+  return _normalize(image, mean, std)
+
+
+def eval_preprocess(image, config, crop_pct, mean, std):
+  """Resize the shorter side to floor(size / crop_pct) (bicubic), centre crop, normalise."""
+  image = _to_rgb_float(image)
+  size = config.image_size
+  scale_size = math.floor(size / crop_pct)
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  ratio = scale_size / tf.reduce_min(shape)
+  new_shape = tf.cast(tf.floor(shape * ratio), tf.int32)
+  new_shape = tf.maximum(new_shape, scale_size)
+  image = tf.image.resize(image, new_shape, method="bicubic")
+  top = (new_shape[0] - size + 1) // 2
+  left = (new_shape[1] - size + 1) // 2
+  image = tf.image.crop_to_bounding_box(image, top, left, size, size)
+  return _normalize(tf.clip_by_value(image, 0.0, 1.0), mean, std)
+
+
+def _process_split(source: Source, process_index: int, process_count: int):
+  split = tfds.even_splits(source.split, n=process_count, drop_remainder=False)[process_index]
+  return source.builder.as_dataset(split=split, shuffle_files=False,
+                                   as_supervised=source.builder.info.supervised_keys is not None)
+
+
+def train_batches(source: Source, config, local_batch: int, mean, std, start_step: int,
+                  process_index: int, process_count: int) -> Iterator[dict]:
+  """Endless training batches for this process, starting at global step `start_step`."""
+  base = _process_split(source, process_index, process_count).map(_image_and_label)
+  per_process = source.num_examples // process_count
+  steps_per_epoch = per_process // local_batch
+  if steps_per_epoch == 0:
+    raise DataError(f"the batch ({local_batch} per process) is larger than the training split "
+                    f"({per_process} examples per process)")
+  epoch, skip = divmod(start_step, steps_per_epoch)
+  while True:
+    ds = base.take(per_process).cache() if source.num_examples < 100_000 else base
+    ds = ds.shuffle(min(config.shuffle_buffer, per_process), seed=config.seed + epoch,
+                    reshuffle_each_iteration=False)
+    ds = ds.enumerate()
+    seed_base = tf.constant([config.seed, epoch], tf.int64)
+
+    def prepare(index, example, seed_base=seed_base):
+      image, label = example
+      seed = tf.cast(tf.stack([seed_base[0] * 1_000_003 + seed_base[1], index]), tf.int64)
+      return {"image": train_preprocess(image, seed, config, mean, std),
+              "label": tf.cast(label, tf.int32)}
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True).skip(skip).prefetch(config.prefetch)
+    yield from tfds.as_numpy(ds)
+    epoch, skip = epoch + 1, 0
+
+
+def eval_batches(source: Source, config, local_batch: int, crop_pct: float, mean, std,
+                 process_index: int, process_count: int) -> Iterator[dict]:
+  """Every example of the split exactly once; the last batches padded, with a 0/1 mask.
+
+  All processes yield the same number of batches (collectives need it).
+  """
+  ds = _process_split(source, process_index, process_count).map(_image_and_label)
+  ds = ds.map(lambda image, label: {
+      "image": eval_preprocess(image, config, crop_pct, mean, std),
+      "label": tf.cast(label, tf.int32)}, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch).prefetch(config.prefetch)
+  per_process_max = -(-source.num_examples // process_count)
+  num_batches = -(-per_process_max // local_batch)
+  size = config.image_size
+  produced = 0
+  for batch in tfds.as_numpy(ds):
+    yield _pad(batch, local_batch)
+    produced += 1
+  empty = {"image": np.zeros((0, size, size, 3), np.float32), "label": np.zeros((0,), np.int32)}
+  for _ in range(num_batches - produced):
+    yield _pad(empty, local_batch)
+
+
+def _pad(batch: dict, size: int) -> dict:
+  n = len(batch["label"])
+  pad = size - n
+  return {"image": np.concatenate([batch["image"],
+                                   np.zeros((pad,) + batch["image"].shape[1:], np.float32)]),
+          "label": np.concatenate([batch["label"], np.zeros((pad,), np.int32)]),
+          "mask": np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])}

@@ -1,0 +1,158 @@
+"""The pieces of training: mesh and shardings, optimizer, state, and the pure steps.
+
+`train_step(state, batch)` and `eval_step(params, batch)` are pure functions; the
+mesh and every sharding are declared here, in `Partitioning`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from spanet_jax import augment
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # batches consumed (micro-steps when accumulating gradients)
+  params: Any
+  opt_state: Any
+  ema_params: Any  # None without EMA
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitioning:
+  """A (data, model) device mesh and the shardings of batches and state.
+
+  The batch is split over every device. With a model axis of 1 the state is
+  replicated; otherwise each parameter (and its optimizer moments) is split along
+  its largest axis that the model axis divides, as in FSDP.
+  """
+  mesh: Mesh
+
+  @classmethod
+  def create(cls, model_axis: int = 1) -> "Partitioning":
+    devices = jax.device_count()
+    if model_axis < 1 or devices % model_axis:
+      raise ValueError(f"mesh_model={model_axis} does not divide the {devices} devices")
+    # Auto axes: XLA propagates shardings from the inputs (no sharding in types).
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return cls(jax.make_mesh((devices // model_axis, model_axis), ("data", "model"),
+                             axis_types=auto))
+
+  @property
+  def batch(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(("data", "model")))
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def for_array(self, shape: tuple[int, ...]) -> NamedSharding:
+    size = self.mesh.shape["model"]
+    if size == 1:
+      return self.replicated
+    axes = sorted(range(len(shape)), key=lambda a: -shape[a])
+    for axis in axes:
+      if shape[axis] % size == 0 and shape[axis] >= size:
+        spec = [None] * len(shape)
+        spec[axis] = "model"
+        return NamedSharding(self.mesh, P(*spec))
+    return self.replicated
+
+  def state(self, abstract_state) -> Any:
+    return jax.tree.map(lambda a: self.for_array(a.shape), abstract_state)
+
+
+def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+  """Linear warmup from warmup_lr, then cosine to min_lr; lr scales with the batch."""
+  peak = config.lr * config.batch_size / config.lr_base_batch
+  total = max(config.num_epochs * steps_per_epoch, 1)
+  warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=config.warmup_lr, peak_value=peak, warmup_steps=warmup,
+      decay_steps=total, end_value=config.min_lr)
+
+
+def decay_mask(params):
+  """Weight decay on kernels only: not on 1-D parameters (norms, biases, scales)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  parts = []
+  if config.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(config.grad_clip))
+  parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                           weight_decay=config.weight_decay, mask=decay_mask))
+  optimizer = optax.chain(*parts)
+  if config.grad_accum_steps > 1:
+    optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.grad_accum_steps)
+  return optimizer
+
+
+def init_state(model, optimizer, params, config, rng) -> TrainState:
+  ema = jax.tree.map(jnp.copy, params) if config.ema_decay > 0 else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), ema_params=ema, rng=rng)
+
+
+def train_step(state: TrainState, batch: dict, *, model, optimizer, config):
+  """One micro-step: mixup/cutmix, forward, cross-entropy, update. Pure."""
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  mix_rng, dropout_rng = jax.random.split(step_rng)
+  images, targets = augment.mix_batch(
+      mix_rng, batch["image"], batch["label"], config.num_classes, config.mixup,
+      config.cutmix, config.mixup_switch_prob, config.label_smoothing)
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema_params
+  if ema is not None:
+    ema = jax.tree.map(lambda e, p: config.ema_decay * e + (1 - config.ema_decay) * p,
+                       ema, params)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       ema_params=ema), metrics
+
+
+def eval_step(params, batch: dict, *, model):
+  """Summed top-1 / top-5 hits and example count of a masked batch."""
+  logits = model.apply({"params": params}, batch["image"], train=False).astype(jnp.float32)
+  labels, mask = batch["label"], batch["mask"]
+  top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  k = min(5, logits.shape[-1])
+  top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.float32)
+  return {"top1": jnp.sum(top1 * mask), "top5": jnp.sum(top5 * mask), "count": jnp.sum(mask)}
+
+
+def merge_pretrained(params, pretrained) -> tuple[Any, list[str]]:
+  """Take every pretrained tensor whose path and shape match; report the rest (new head)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  source = flax.traverse_util.flatten_dict(flax.core.unfreeze(pretrained), sep="/")
+  kept_new = []
+  for key, value in flat.items():
+    if key in source and tuple(source[key].shape) == tuple(value.shape):
+      flat[key] = jnp.asarray(source[key], value.dtype)
+    else:
+      kept_new.append(key)
+  return flax.traverse_util.unflatten_dict(flat, sep="/"), kept_new
+
+
+def global_batch(partitioning: Partitioning, local: dict) -> dict:
+  """Assemble this process's share into global arrays sharded over the batch axis."""
+  return {k: jax.make_array_from_process_local_data(partitioning.batch, np.asarray(v))
+          for k, v in local.items()}

@@ -1,0 +1,275 @@
+"""Train SPANet: data-parallel over every device (and host), resumable.
+
+  python train.py --config configs/spanet_s.py --workdir /ckpt/spanet_s
+  python train.py --config configs/demo.py --workdir /tmp/demo           # 2-minute demo
+  python train.py --config configs/spanet_s.py --workdir DIR --config.batch_size=256
+
+Restarting with the same --workdir resumes from the latest checkpoint. SIGTERM
+(preemption) saves a checkpoint and exits cleanly. Writes to the workdir:
+config.json, metrics.jsonl (one JSON object per logged step), tensorboard/,
+checkpoints/ (the last N), best/ (the best by eval/top1), and final/ (the trained
+weights, for spanet_jax.load_pretrained and --config.init_from).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "configuration file (configs/*.py)",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "where checkpoints, logs and metrics go")
+flags.DEFINE_bool("distributed", False,
+                  "call jax.distributed.initialize() (multi-host: TPU pods, GPU clusters)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class ConfigError(Exception):
+  pass
+
+
+def validate(config, num_devices: int) -> None:
+  import spanet_jax  # pylint: disable=g-import-not-at-top
+
+  if config.model not in spanet_jax.list_models():
+    raise ConfigError(f"config.model={config.model!r} is not one of "
+                      f"{', '.join(spanet_jax.list_models())}")
+  if config.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.dtype={config.dtype!r}: use float32 or bfloat16")
+  for key in ("batch_size", "num_epochs", "grad_accum_steps", "log_every_steps",
+              "checkpoint_every_steps", "keep_checkpoints", "image_size", "num_classes"):
+    if config[key] <= 0:
+      raise ConfigError(f"config.{key}={config[key]} must be positive")
+  if config.batch_size % num_devices:
+    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
+                      f"{num_devices} devices")
+  for key in ("lr", "min_lr", "warmup_lr", "weight_decay", "grad_clip", "ema_decay",
+              "mixup", "cutmix", "label_smoothing", "warmup_epochs", "drop_path_rate"):
+    if config[key] < 0:
+      raise ConfigError(f"config.{key}={config[key]} must not be negative")
+  if not 0 <= config.hflip <= 1 or not 0 <= config.mixup_switch_prob <= 1:
+    raise ConfigError("config.hflip and config.mixup_switch_prob are probabilities in [0, 1]")
+  if config.ema_decay >= 1:
+    raise ConfigError(f"config.ema_decay={config.ema_decay} must be below 1")
+
+
+class MetricWriter:
+  """Console, TensorBoard and metrics.jsonl, from process 0 only."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if enabled:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    with self.tb.as_default():
+      for key, value in metrics.items():
+        tf.summary.scalar(key, float(value), step=int(step))
+    self.tb.flush()
+
+
+def main(argv) -> None:
+  del argv
+  try:
+    run(FLAGS.config, FLAGS.workdir)
+  except ConfigError as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-many-statements
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  import spanet_jax  # pylint: disable=g-import-not-at-top
+  from spanet_jax import checkpoint, data, trainer  # pylint: disable=g-import-not-at-top
+
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  validate(config, jax.device_count())
+  process, processes = jax.process_index(), jax.process_count()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  writer = MetricWriter(workdir, process == 0)
+  if process == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # Data.
+  try:
+    builder = data.make_builder(config)
+    train_source = data.make_source(builder, config.train_split)
+    eval_source = data.make_source(builder, config.eval_split)
+  except data.DataError as err:
+    raise ConfigError(str(err)) from None
+  info = spanet_jax.model_info(config.model)
+  crop_pct = config.crop_pct if config.crop_pct > 0 else info.crop_pct
+  local_batch = config.batch_size // processes
+  eval_local_batch = (config.eval_batch_size or config.batch_size) // processes
+  steps_per_epoch = train_source.num_examples // processes // local_batch
+  if steps_per_epoch == 0:
+    raise ConfigError(f"config.batch_size={config.batch_size} exceeds the "
+                      f"{train_source.num_examples} training examples")
+  total_steps = config.num_epochs * steps_per_epoch
+  updates_per_epoch = max(steps_per_epoch // config.grad_accum_steps, 1)
+
+  # Model, optimizer, state: every sharding comes from `partitioning`.
+  partitioning = trainer.Partitioning.create(config.mesh_model)
+  model = spanet_jax.create_model(
+      config.model, num_classes=config.num_classes, drop_path_rate=config.drop_path_rate,
+      learnable_masks=config.learnable_masks, dtype=jnp.dtype(config.dtype),
+      **config.model_overrides.to_dict())
+  schedule = trainer.learning_rate_schedule(config, updates_per_epoch)
+  optimizer = trainer.make_optimizer(config, schedule)
+  size = config.image_size
+
+  def fresh_state(rng):
+    params_rng, state_rng = jax.random.split(rng)
+    params = model.init(params_rng, jnp.zeros((1, size, size, 3)))["params"]
+    return trainer.init_state(model, optimizer, params, config, state_rng)
+
+  abstract = jax.eval_shape(fresh_state, jax.random.PRNGKey(config.seed))
+  state_sharding = partitioning.state(abstract)
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+                                           enable_async_checkpointing=True))
+  best_manager = ocp.CheckpointManager(
+      os.path.join(workdir, "best"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["eval/top1"],
+                                           best_mode="max"))
+  latest = manager.latest_step()
+  if latest is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sharding)
+    state = manager.restore(latest, args=ocp.args.StandardRestore(target))
+    logging.info("resumed from step %d", latest)
+    print(f"resumed from {manager.directory} at step {latest}", flush=True)
+  else:
+    state = jax.jit(fresh_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+    if config.init_from:
+      try:
+        _, pretrained = checkpoint.load_pretrained(config.init_from)
+      except checkpoint.CheckpointError as err:
+        raise ConfigError(f"config.init_from: {err}") from None
+      params, fresh = trainer.merge_pretrained(jax.device_get(state.params),
+                                               pretrained["params"])
+      print(f"initialised from {config.init_from}; newly initialised: "
+            f"{', '.join(fresh) if fresh else 'nothing'}", flush=True)
+      params = jax.device_put(params, state_sharding.params)
+      state = state.replace(params=params, opt_state=jax.jit(
+          optimizer.init, out_shardings=state_sharding.opt_state)(params),
+                            ema_params=(params if config.ema_decay > 0 else None))
+
+  train_fn = jax.jit(
+      lambda s, b: trainer.train_step(s, b, model=model, optimizer=optimizer, config=config),
+      in_shardings=(state_sharding, partitioning.batch),
+      out_shardings=(state_sharding, partitioning.replicated), donate_argnums=(0,))
+  eval_fn = jax.jit(lambda p, b: trainer.eval_step(p, b, model=model),
+                    out_shardings=partitioning.replicated)
+
+  def evaluate(state) -> dict:
+    params = state.ema_params if state.ema_params is not None else state.params
+    totals = {"top1": 0.0, "top5": 0.0, "count": 0.0}
+    for local in data.eval_batches(eval_source, config, eval_local_batch, crop_pct,
+                                   info.mean, info.std, process, processes):
+      result = jax.device_get(eval_fn(params, trainer.global_batch(partitioning, local)))
+      for key in totals:
+        totals[key] += float(result[key])
+    if int(totals["count"]) != eval_source.num_examples:
+      raise RuntimeError(f"evaluated {totals['count']} of {eval_source.num_examples} examples")
+    return {"eval/top1": totals["top1"] / totals["count"],
+            "eval/top5": totals["top5"] / totals["count"]}
+
+  def save(step: int, state, wait: bool = False) -> None:
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    if wait:
+      manager.wait_until_finished()
+
+  stop = {"signal": None}
+
+  def on_sigterm(signum, frame):
+    del frame
+    stop["signal"] = signum
+
+  signal.signal(signal.SIGTERM, on_sigterm)
+
+  step = int(jax.device_get(state.step))
+  batches = data.train_batches(train_source, config, local_batch, info.mean, info.std, step,
+                               process, processes)
+  print(f"training {config.model} on {config.dataset if not config.folder else config.folder}: "
+        f"{train_source.num_examples} images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+        f"global batch {config.batch_size} on {jax.device_count()} devices", flush=True)
+  window_start, window_steps = time.perf_counter(), 0
+  run_start, run_start_step = time.perf_counter(), step
+  while step < total_steps:
+    state, metrics = train_fn(state, trainer.global_batch(partitioning, next(batches)))
+    step += 1
+    window_steps += 1
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+      manager.wait_until_finished()
+      print(f"error: the loss became {loss} at step {step}; stopping without saving. The last "
+            f"good checkpoint ({manager.latest_step()}) is in {manager.directory}: lower "
+            f"config.lr or set config.grad_clip, then restart.", file=sys.stderr, flush=True)
+      sys.exit(1)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      elapsed = time.perf_counter() - window_start
+      rate = window_steps * config.batch_size / elapsed
+      remaining = (total_steps - step) * (time.perf_counter() - run_start) / (step - run_start_step)
+      lr = float(schedule(max(step // config.grad_accum_steps - 1, 0)))
+      print(f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.3g}  {rate:.1f} img/s  "
+            f"ETA {remaining / 60:.1f} min", flush=True)
+      writer.write(step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": rate,
+                          "train/grad_norm": float(metrics["grad_norm"])})
+      window_start, window_steps = time.perf_counter(), 0
+    epoch_end = step % steps_per_epoch == 0
+    epoch = step // steps_per_epoch
+    if (epoch_end and epoch % config.eval_every_epochs == 0) or step == total_steps:
+      results = evaluate(state)
+      print(f"step {step} (epoch {epoch}): eval top-1 {results['eval/top1']:.4f}  "
+            f"top-5 {results['eval/top5']:.4f}", flush=True)
+      writer.write(step, results)
+      best_manager.save(step, args=ocp.args.StandardSave(state.params), metrics=results)
+    if step % config.checkpoint_every_steps == 0 or step == total_steps:
+      save(step, state)
+    if stop["signal"] is not None:
+      save(step, state, wait=True)
+      print(f"received signal {stop['signal']}: saved step {step}, exiting", flush=True)
+      manager.close()
+      best_manager.close()
+      return
+  manager.wait_until_finished()
+  best_manager.wait_until_finished()
+  final = os.path.join(workdir, "final")
+  if process == 0:
+    params = jax.device_get(state.ema_params if state.ema_params is not None else state.params)
+    checkpoint.save_pretrained(final, config.model, params,
+                               {"num_classes": config.num_classes, **config.model_overrides.to_dict(),
+                                "learnable_masks": config.learnable_masks},
+                               extra={"source": "train.py", "step": step}, overwrite=True)
+    print(f"done: weights in {final}", flush=True)
+  manager.close()
+  best_manager.close()
+
+
+if __name__ == "__main__":
+  app.run(main)
