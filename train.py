@@ -84,6 +84,19 @@ class MetricWriter:
     self.tb.flush()
 
 
+def parse_flags(argv):
+  """absl flag parsing with one clear line for a bad --config override, not a traceback."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    detail = str(err).strip("'\"")
+    print(f"error: bad flag or config override ({detail}); overrides given: "
+          f"{' '.join(overrides) or 'none'}. Every key is listed in configs/default.py.",
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv) -> None:
   del argv
   try:
@@ -272,4 +285,4 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -39,14 +39,14 @@ class Partitioning:
   mesh: Mesh
 
   @classmethod
-  def create(cls, model_axis: int = 1) -> "Partitioning":
-    devices = jax.device_count()
-    if model_axis < 1 or devices % model_axis:
-      raise ValueError(f"mesh_model={model_axis} does not divide the {devices} devices")
+  def create(cls, model_axis: int = 1, devices=None) -> "Partitioning":
+    devices = list(jax.devices() if devices is None else devices)
+    if model_axis < 1 or len(devices) % model_axis:
+      raise ValueError(f"mesh_model={model_axis} does not divide the {len(devices)} devices")
     # Auto axes: XLA propagates shardings from the inputs (no sharding in types).
     auto = (jax.sharding.AxisType.Auto,) * 2
-    return cls(jax.make_mesh((devices // model_axis, model_axis), ("data", "model"),
-                             axis_types=auto))
+    return cls(jax.make_mesh((len(devices) // model_axis, model_axis), ("data", "model"),
+                             axis_types=auto, devices=devices))
 
   @property
   def batch(self) -> NamedSharding:

@@ -1,0 +1,50 @@
+"""Run one train_step of a tiny SPANet on a mesh; print the loss, save the gradients.
+
+Used by tests/test_train.py in a subprocess with 8 virtual CPU devices:
+  python sharded_step.py DEVICES MODEL_AXIS GRADS.npz
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import spanet_jax
+from configs import default
+from spanet_jax import trainer
+
+
+def main(num_devices: int, model_axis: int, grads_path: str) -> None:
+  config = default.get_config()
+  config.num_classes, config.image_size, config.batch_size = 10, 32, 16
+  config.drop_path_rate = 0.0
+  model = spanet_jax.create_model("spanet_s", layers=(1, 1, 1, 1), dims=(8, 16, 24, 32),
+                                  num_classes=10)
+  partitioning = trainer.Partitioning.create(model_axis, jax.devices()[:num_devices])
+  optimizer = optax.sgd(1.0)  # so that params - new params = gradients
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  state = trainer.init_state(model, optimizer, params, config, jax.random.PRNGKey(1))
+  sharding = partitioning.state(jax.eval_shape(lambda: state))
+  state = jax.device_put(state, sharding)
+  rng = np.random.default_rng(0)
+  batch = trainer.global_batch(partitioning, {
+      "image": rng.standard_normal((16, 32, 32, 3)).astype(np.float32),
+      "label": rng.integers(0, 10, 16).astype(np.int32)})
+
+  step = jax.jit(lambda s, b: trainer.train_step(s, b, model=model, optimizer=optimizer,
+                                                  config=config),
+                 in_shardings=(sharding, partitioning.batch), out_shardings=(sharding, None))
+  new_state, metrics = step(state, batch)
+  specs = sorted({str(leaf.sharding.spec) for leaf in jax.tree.leaves(new_state.params)})
+  grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), jax.device_get(state.params),
+                       jax.device_get(new_state.params))
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(grads)}
+  np.savez(grads_path, **flat)
+  print(json.dumps({"loss": float(metrics["loss"]), "param_specs": specs}))
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

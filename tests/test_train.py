@@ -1,0 +1,200 @@
+"""Training: augmentation, optimizer pieces, sharding equivalence, and train.py itself
+(demo dataset, resume after SIGTERM, NaN stop, bad configs)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from spanet_jax import augment, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A fast demo: tiny widths, two epochs of 22 steps, a checkpoint every 10 steps.
+FAST = ["--config.model_overrides.dims=(8, 16, 24, 32)", "--config.num_epochs=2",
+        "--config.checkpoint_every_steps=10", "--config.log_every_steps=11",
+        "--config.eval_every_epochs=1"]
+
+
+def run_train(workdir, *extra, wait=True, data_dir=None):
+  env = {**os.environ, "PYTHONPATH": REPO}
+  command = [sys.executable, "train.py", "--config", "configs/demo.py", "--workdir",
+             str(workdir), f"--config.data_dir={data_dir}", *FAST, *extra]
+  if not wait:
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+# ---------------------------------------------------------------------------------------
+# Pieces.
+
+
+def test_label_smoothing_and_no_mixing():
+  images = jnp.ones((4, 8, 8, 3))
+  out, targets = augment.mix_batch(jax.random.PRNGKey(0), images, jnp.array([0, 1, 2, 3]), 10,
+                                   0.0, 0.0, 0.5, 0.1)
+  np.testing.assert_array_equal(out, images)
+  np.testing.assert_allclose(targets[0, 0], 0.9 + 0.01, rtol=1e-6)
+  np.testing.assert_allclose(targets[0, 1], 0.01, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mixing_targets_follow_the_pixels(mixup, cutmix):
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.uniform(size=(6, 16, 16, 3)).astype(np.float32))
+  labels = jnp.arange(6)
+  for seed in range(5):
+    out, targets = augment.mix_batch(jax.random.PRNGKey(seed), images, labels, 6, mixup, cutmix,
+                                     0.5, 0.0)
+    np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
+    lam = float(targets[0, 0])  # share of the image's own label
+    assert float(targets[0, 5]) == pytest.approx(1 - lam, abs=1e-6)
+    own = np.isclose(np.asarray(out[0]), np.asarray(images[0])).all(-1).mean()
+    if cutmix and not mixup:  # every pixel comes from image 0 or image 5, in lam's shares
+      assert own == pytest.approx(lam, abs=1e-6)
+    if mixup and not cutmix:
+      np.testing.assert_allclose(out[0], lam * images[0] + (1 - lam) * images[5], atol=1e-5)
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+  config = default.get_config()
+  config.num_epochs, config.warmup_epochs, config.batch_size = 10, 2, 512
+  schedule = trainer.learning_rate_schedule(config, steps_per_epoch=100)
+  assert float(schedule(0)) == pytest.approx(1e-6, rel=1e-5)
+  assert float(schedule(200)) == pytest.approx(5e-4, rel=1e-5)  # 1e-3 * 512 / 1024
+  assert float(schedule(1000)) == pytest.approx(1e-5, rel=1e-5)
+  assert float(schedule(100)) < float(schedule(200)) > float(schedule(600))
+
+
+def test_weight_decay_skips_one_dimensional_parameters():
+  mask = trainer.decay_mask({"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3),
+                             "scale": jnp.ones(3), "conv": jnp.ones((1, 7, 1, 4))})
+  assert mask == {"kernel": True, "bias": False, "scale": False, "conv": True}
+
+
+def test_pretrained_merge_keeps_matching_tensors_and_reports_new_head():
+  params = {"backbone": {"w": jnp.zeros((2, 2))}, "head": {"kernel": jnp.zeros((4, 10))}}
+  pretrained = {"backbone": {"w": jnp.ones((2, 2))}, "head": {"kernel": jnp.ones((4, 1000))}}
+  merged, fresh = trainer.merge_pretrained(params, pretrained)
+  np.testing.assert_array_equal(merged["backbone"]["w"], 1.0)
+  np.testing.assert_array_equal(merged["head"]["kernel"], 0.0)
+  assert fresh == ["head/kernel"]
+
+
+def _sharded_step(devices, model_axis, path):
+  env = {**os.environ, "PYTHONPATH": REPO,
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  out = subprocess.run([sys.executable, "tests/helpers/sharded_step.py", str(devices),
+                        str(model_axis), str(path)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return json.loads(out.stdout.strip().splitlines()[-1]), dict(np.load(path))
+
+
+def test_eight_devices_and_fsdp_match_one_device(tmp_path):
+  """Same global batch: loss and every gradient agree to float32 rounding: 1e-5 of the
+  largest gradient, plus 1e-7 for reading gradients off an SGD step (params - new params
+  rounds at the parameters' ulp)."""
+  one, grads_one = _sharded_step(1, 1, tmp_path / "one.npz")
+  eight, grads_eight = _sharded_step(8, 1, tmp_path / "eight.npz")
+  fsdp, grads_fsdp = _sharded_step(8, 2, tmp_path / "fsdp.npz")
+  assert any("model" in spec for spec in fsdp["param_specs"])  # parameters really sharded
+  for other, grads in ((eight, grads_eight), (fsdp, grads_fsdp)):
+    assert other["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    for key, value in grads_one.items():
+      scale = max(np.abs(value).max(), 1e-12)
+      assert np.abs(grads[key] - value).max() < 1e-5 * scale + 1e-7, key
+
+
+# ---------------------------------------------------------------------------------------
+# train.py end to end on the demo dataset.
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, data_dir):
+  """SIGTERM after the first checkpoint, restart: the final weights are bit-identical."""
+  whole = run_train(tmp_path / "whole", data_dir=data_dir)
+  assert whole.returncode == 0, whole.stderr[-3000:]
+  records = metrics(tmp_path / "whole")
+  evals = [r for r in records if "eval/top1" in r]
+  assert [r["step"] for r in evals] == [22, 44]
+  assert all(0.0 <= r["eval/top1"] <= 1.0 for r in evals)
+  assert os.path.isfile(tmp_path / "whole" / "config.json")
+  assert os.listdir(tmp_path / "whole" / "tensorboard")
+
+  workdir = tmp_path / "resumed"
+  process = run_train(workdir, wait=False, data_dir=data_dir)
+  deadline = time.time() + 300
+  while not (workdir / "checkpoints" / "10").exists():
+    assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-3000:]
+  assert "received signal 15" in stdout
+  stopped_at = max(int(d) for d in os.listdir(workdir / "checkpoints"))
+  assert 10 <= stopped_at < 44
+
+  again = run_train(workdir, data_dir=data_dir)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resumed from" in again.stdout and f"at step {stopped_at}" in again.stdout
+  first_logged = [r["step"] for r in metrics(workdir) if r["step"] > stopped_at][0]
+  assert first_logged > stopped_at > 0
+
+  import spanet_jax
+  _, a = spanet_jax.load_pretrained(str(tmp_path / "whole" / "final"))
+  _, b = spanet_jax.load_pretrained(str(workdir / "final"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_nan_loss_stops_without_overwriting_the_checkpoint(tmp_path, data_dir):
+  result = run_train(tmp_path / "nan", "--config.lr=1e12", "--config.warmup_epochs=0",
+                     data_dir=data_dir)
+  assert result.returncode == 1
+  import re
+  match = re.search(r"the loss became (nan|inf|-inf) at step (\d+); stopping without saving",
+                    result.stderr)
+  assert match and "Traceback" not in result.stderr, result.stderr[-2000:]
+  bad_step = int(match.group(2))
+  checkpoints = tmp_path / "nan" / "checkpoints"
+  saved = [int(d) for d in os.listdir(checkpoints)] if checkpoints.exists() else []
+  assert all(step < bad_step for step in saved)
+  assert not (tmp_path / "nan" / "final").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.batch_size=0", "config.batch_size=0 must be positive"),
+    ("--config.dtype=float16", "use float32 or bfloat16"),
+    ("--config.model=spanet_xl", "not one of"),
+    ("--config.dataset=no_such_dataset_xyz", "TFDS has no dataset 'no_such_dataset_xyz'"),
+    ("--config.folder=/nonexistent/imagenet", "no such folder: /nonexistent/imagenet"),
+])
+def test_bad_config_values_are_named(override, message, tmp_path, data_dir):
+  result = run_train(tmp_path / "bad", override, data_dir=data_dir)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_config_key_is_named(tmp_path, data_dir):
+  result = run_train(tmp_path / "bad", "--config.learning_rate=0.1", data_dir=data_dir)
+  assert result.returncode != 0
+  assert "learning_rate" in result.stderr and "Traceback" not in result.stderr
