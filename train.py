@@ -54,8 +54,9 @@ def validate(config, num_devices: int) -> None:
               "mixup", "cutmix", "label_smoothing", "warmup_epochs", "drop_path_rate"):
     if config[key] < 0:
       raise ConfigError(f"config.{key}={config[key]} must not be negative")
-  if not 0 <= config.hflip <= 1 or not 0 <= config.mixup_switch_prob <= 1:
-    raise ConfigError("config.hflip and config.mixup_switch_prob are probabilities in [0, 1]")
+  for key in ("hflip", "mixup_switch_prob", "random_erasing"):
+    if not 0 <= config[key] <= 1:
+      raise ConfigError(f"config.{key}={config[key]} is a probability: use a value in [0, 1]")
   if config.ema_decay >= 1:
     raise ConfigError(f"config.ema_decay={config.ema_decay} must be below 1")
 

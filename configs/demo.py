@@ -26,6 +26,7 @@ def get_config():
   config.hflip = 0.0  # digits are not mirror-symmetric
   config.mixup = 0.0
   config.cutmix = 0.0
+  config.random_erasing = 0.0
 
   config.batch_size = 64
   config.num_epochs = 30

@@ -86,7 +86,7 @@ def make_builder(config) -> tfds.core.DatasetBuilder:
     try:
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    except (AssertionError, FileNotFoundError, OSError, tfds.core.utils.py_utils.NonMatchingChecksumError) as err:
+    except (AssertionError, FileNotFoundError, OSError, ValueError) as err:
       where = manual_dir or os.path.join(builder.data_dir, "..", "downloads", "manual")
       raise DataError(
           f"dataset {config.dataset!r} is not prepared and could not be prepared: "
@@ -125,9 +125,11 @@ def _normalize(image, mean, std):
 
 
 def train_preprocess(image, seed, config, mean, std):
-  """Random resized crop (scale, ratio), horizontal flip, normalise. Stateless: `seed`."""
+  """Random resized crop (scale, ratio), horizontal flip, normalise, random erasing.
+  Stateless: `seed`."""
   image = _to_rgb_float(image)
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  crop_seed, flip_seed, erase_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 3))
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.shape(image), bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=(1, 1, 4)),
       seed=crop_seed, min_object_covered=0.0, aspect_ratio_range=list(config.crop_ratio),
@@ -136,7 +138,42 @@ def train_preprocess(image, seed, config, mean, std):
   image = tf.image.resize(image, (config.image_size, config.image_size), method="bicubic")
   flip = tf.random.stateless_uniform((), flip_seed) < config.hflip
   image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
-  return _normalize(image, mean, std)
+  image = _normalize(image, mean, std)
+  return random_erasing(image, erase_seed, config.random_erasing)
+
+
+def random_erasing(image, seed, probability: float, area=(0.02, 1 / 3),
+                   log_ratio=(math.log(0.3), math.log(1 / 0.3)), max_attempts: int = 10):
+  """timm's RandomErasing (mode "pixel") on a normalised image: with `probability`, one
+  box of area and aspect ratio drawn from the ranges is filled with N(0, 1) noise per
+  pixel and channel. Stateless: `seed`."""
+  if probability <= 0:
+    return image
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  seeds = tf.random.experimental.stateless_split(seed, 3 + max_attempts)
+  apply = tf.random.stateless_uniform((), seeds[0]) < probability
+  total = tf.cast(height * width, tf.float32)
+  box = tf.constant([0, 0, 0, 0], tf.int32)
+  found = tf.constant(False)
+  for attempt in range(max_attempts):  # first box that fits wins, as in timm
+    draws = tf.random.stateless_uniform((4,), seeds[3 + attempt])
+    target = total * (area[0] + (area[1] - area[0]) * draws[0])
+    ratio = tf.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * draws[1])
+    h = tf.cast(tf.round(tf.sqrt(target * ratio)), tf.int32)
+    w = tf.cast(tf.round(tf.sqrt(target / ratio)), tf.int32)
+    fits = (h < height) & (w < width) & (h > 0) & (w > 0)
+    top = tf.cast(draws[2] * tf.cast(tf.maximum(height - h + 1, 1), tf.float32), tf.int32)
+    left = tf.cast(draws[3] * tf.cast(tf.maximum(width - w + 1, 1), tf.float32), tf.int32)
+    take = fits & ~found
+    box = tf.where(take, tf.stack([top, left, h, w]), box)
+    found = found | fits
+  rows = tf.range(height)[:, None]
+  cols = tf.range(width)[None, :]
+  inside = ((rows >= box[0]) & (rows < box[0] + box[2]) &
+            (cols >= box[1]) & (cols < box[1] + box[3]))
+  erase = inside & apply & found
+  noise = tf.random.stateless_normal(tf.shape(image), seeds[1])
+  return tf.where(erase[..., None], noise, image)
 
 
 def eval_preprocess(image, config, crop_pct, mean, std):

@@ -1,0 +1,60 @@
+"""The input pipeline's hand-written ops and evaluation counting."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import default
+from spanet_jax import data
+
+
+def erase(image, seed, probability):
+  return data.random_erasing(tf.constant(image), tf.constant(seed, tf.int64), probability).numpy()
+
+
+def test_random_erasing_fills_one_box_with_noise():
+  image = np.full((32, 48, 3), 7.0, np.float32)
+  for seed in range(20):
+    out = erase(image, [seed, 1], 1.0)
+    changed = (out != 7.0).any(-1)
+    rows, cols = np.nonzero(changed)
+    assert changed.any(), seed
+    box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    assert box.all()  # one filled rectangle
+    area = box.size / changed.size
+    assert 0.02 * 0.8 <= area <= 1 / 3 * 1.25
+    assert abs(float(np.std(out[changed]))) > 0.5  # noise, not a constant
+
+
+def test_random_erasing_probability_and_determinism():
+  image = np.zeros((16, 16, 3), np.float32)
+  np.testing.assert_array_equal(erase(image, [0, 0], 0.0), image)
+  np.testing.assert_array_equal(erase(image, [3, 4], 1.0), erase(image, [3, 4], 1.0))
+  hits = sum(bool((erase(image, [s, 9], 0.25) != 0).any()) for s in range(200))
+  assert 30 <= hits <= 70  # about a quarter of 200
+
+
+def test_eval_batches_count_every_example_once_over_processes(tmp_path):
+  config = default.get_config()
+  config.dataset, config.data_dir = "sklearn_digits", str(tmp_path)
+  config.image_size, config.prefetch = 32, 1
+  builder = data.make_builder(config)
+  source = data.make_source(builder, "test")  # 360 examples
+  seen = []
+  counts = []
+  for process in range(3):
+    batches = list(data.eval_batches(source, config, 50, 1.0, (0.5,) * 3, (0.5,) * 3,
+                                     process, 3))
+    counts.append(len(batches))
+    for batch in batches:
+      assert batch["image"].shape == (50, 32, 32, 3)
+      seen.append(int(batch["mask"].sum()))
+  assert len(set(counts)) == 1  # every process runs the same number of eval steps
+  assert sum(seen) == 360
+
+
+def test_missing_dataset_says_what_to_do(tmp_path):
+  config = default.get_config()
+  config.data_dir, config.manual_dir = str(tmp_path), str(tmp_path / "manual")
+  with pytest.raises(data.DataError, match="ILSVRC2012_img_train.tar.*manual"):
+    data.make_builder(config)
