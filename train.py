@@ -27,7 +27,11 @@ config_flags.DEFINE_config_file("config", None, "configuration file (configs/*.p
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "where checkpoints, logs and metrics go")
 flags.DEFINE_bool("distributed", False,
-                  "call jax.distributed.initialize() (multi-host: TPU pods, GPU clusters)")
+                  "call jax.distributed.initialize() (multi-host: TPU pods, GPU clusters); "
+                  "on a pod the cluster is detected, elsewhere give the three flags below")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed)")
+flags.DEFINE_integer("num_processes", None, "number of processes (with --distributed)")
+flags.DEFINE_integer("process_id", None, "this process's index (with --distributed)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -117,7 +121,11 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   from spanet_jax import checkpoint, data, trainer  # pylint: disable=g-import-not-at-top
 
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    # CPU-only clusters (and the tests) need a collectives implementation; it is
+    # ignored on TPU and GPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   validate(config, jax.device_count())
   process, processes = jax.process_index(), jax.process_count()
   workdir = os.path.abspath(workdir)
@@ -127,9 +135,14 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  # Data.
+  # Data. Process 0 prepares the dataset (if it must be) while the others wait.
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   try:
+    if process != 0:
+      multihost_utils.sync_global_devices("dataset prepared")
     builder = data.make_builder(config)
+    if process == 0 and processes > 1:
+      multihost_utils.sync_global_devices("dataset prepared")
     train_source = data.make_source(builder, config.train_split)
     eval_source = data.make_source(builder, config.eval_split)
   except data.DataError as err:
@@ -274,13 +287,14 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   manager.wait_until_finished()
   best_manager.wait_until_finished()
   final = os.path.join(workdir, "final")
-  if process == 0:
-    params = jax.device_get(state.ema_params if state.ema_params is not None else state.params)
-    checkpoint.save_pretrained(final, config.model, params,
-                               {"num_classes": config.num_classes, **config.model_overrides.to_dict(),
-                                "learnable_masks": config.learnable_masks},
-                               extra={"source": "train.py", "step": step}, overwrite=True)
-    print(f"done: weights in {final}", flush=True)
+  params = state.ema_params if state.ema_params is not None else state.params
+  params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+  checkpoint.save_pretrained(final, config.model, params,
+                             {"num_classes": config.num_classes,
+                              **config.model_overrides.to_dict(),
+                              "learnable_masks": config.learnable_masks},
+                             extra={"source": "train.py", "step": step}, overwrite=True)
+  print(f"done: weights in {final}", flush=True)
   manager.close()
   best_manager.close()
 

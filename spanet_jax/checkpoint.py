@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -31,33 +30,52 @@ class CheckpointError(Exception):
 def save_pretrained(directory: str, model_name: str, params: Mapping,
                     overrides: Mapping[str, Any] | None = None,
                     extra: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
-  """Write params and the model's description to `directory`, atomically."""
+  """Write params and the model's description to `directory`, atomically.
+
+  With several JAX processes every process must call it (Orbax writes collectively);
+  process 0 writes the metadata and moves the result into place.
+  """
   registry.model_info(model_name)  # fail early on an unknown name
   directory = os.path.abspath(directory)
   if os.path.exists(directory) and not overwrite:
     raise CheckpointError(f"{directory} already exists; choose a new directory or overwrite it")
+  primary = jax.process_index() == 0
   parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-  try:
+  staging = os.path.join(parent, f".{os.path.basename(directory)}.staging")
+  if primary:
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(staging):
+      shutil.rmtree(staging)
+    os.makedirs(staging)
     metadata = {"format_version": FORMAT_VERSION, "model": model_name,
                 "overrides": _jsonable(dict(overrides or {})), **dict(extra or {})}
     with open(os.path.join(staging, METADATA_FILE), "w") as f:
       json.dump(metadata, f, indent=2)
+  _sync("spanet_jax.save_pretrained: staging ready")
+  try:
     host_params = jax.tree.map(np.asarray, dict(params))
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(staging, PARAMS_DIR), host_params)
       checkpointer.wait_until_finished()
-    if os.path.exists(directory):
-      old = directory + ".old"
-      os.replace(directory, old)
-      os.replace(staging, directory)
-      shutil.rmtree(old)
-    else:
-      os.replace(staging, directory)
+    _sync("spanet_jax.save_pretrained: params written")
+    if primary:
+      if os.path.exists(directory):
+        old = directory + ".old"
+        os.replace(directory, old)
+        os.replace(staging, directory)
+        shutil.rmtree(old)
+      else:
+        os.replace(staging, directory)
   finally:
-    if os.path.exists(staging):
+    if primary and os.path.exists(staging):
       shutil.rmtree(staging)
+  _sync("spanet_jax.save_pretrained: done")
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def read_metadata(directory: str) -> dict[str, Any]:

@@ -198,3 +198,25 @@ def test_unknown_config_key_is_named(tmp_path, data_dir):
   result = run_train(tmp_path / "bad", "--config.learning_rate=0.1", data_dir=data_dir)
   assert result.returncode != 0
   assert "learning_rate" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_processes_through_jax_distributed(tmp_path, data_dir):
+  """Two local processes (CPU collectives) train a few steps and agree on every number."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / "multi"
+  processes = [run_train(workdir, "--distributed", f"--coordinator_address=localhost:{port}",
+                         "--num_processes=2", f"--process_id={i}", wait=False,
+                         data_dir=data_dir) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for process, (stdout, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-3000:]
+  logged = [[line for line in stdout.splitlines() if line.startswith("step ")]
+            for stdout, _ in outputs]
+  assert "on 2 devices" in outputs[0][0]
+  strip_rate = lambda lines: [line.split(" img/s")[0].rsplit("  ", 1)[0] for line in lines]
+  assert strip_rate(logged[0]) == strip_rate(logged[1]) and len(logged[0]) >= 5
+  assert any("eval top-1" in line for line in logged[0])
+  assert os.path.isdir(workdir / "final")
