@@ -204,7 +204,8 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
       params = jax.device_put(params, state_sharding.params)
       state = state.replace(params=params, opt_state=jax.jit(
           optimizer.init, out_shardings=state_sharding.opt_state)(params),
-                            ema_params=(params if config.ema_decay > 0 else None))
+                            ema_params=(jax.tree.map(jnp.copy, params)  # its own buffers
+                                        if config.ema_decay > 0 else None))
 
   train_fn = jax.jit(
       lambda s, b: trainer.train_step(s, b, model=model, optimizer=optimizer, config=config),

@@ -220,3 +220,39 @@ def test_two_processes_through_jax_distributed(tmp_path, data_dir):
   assert strip_rate(logged[0]) == strip_rate(logged[1]) and len(logged[0]) >= 5
   assert any("eval top-1" in line for line in logged[0])
   assert os.path.isdir(workdir / "final")
+
+
+def test_options_and_init_from_a_checkpoint_with_another_head(tmp_path, data_dir):
+  """bfloat16, gradient accumulation, clipping, EMA and init_from in one short run."""
+  import spanet_jax
+  model = spanet_jax.create_model("spanet_s", layers=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  spanet_jax.save_pretrained(str(tmp_path / "pretrained"), "spanet_s", params,
+                             {"layers": [1, 1, 1, 1], "dims": [8, 16, 24, 32]})
+  result = run_train(tmp_path / "options", "--config.num_epochs=1", "--config.dtype=bfloat16",
+                     "--config.grad_accum_steps=2", "--config.grad_clip=1.0",
+                     "--config.ema_decay=0.9", f"--config.init_from={tmp_path / 'pretrained'}",
+                     data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "newly initialised: head/bias, head/kernel" in result.stdout
+  evals = [r for r in metrics(tmp_path / "options") if "eval/top1" in r]
+  assert len(evals) == 1 and 0.0 <= evals[0]["eval/top1"] <= 1.0
+
+
+def test_class_per_folder_dataset(tmp_path, data_dir):
+  from PIL import Image
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  root = tmp_path / "folder"
+  for index, (image, label) in enumerate(zip(digits.images[:300], digits.target[:300])):
+    split = "val" if index % 5 == 0 else "train"
+    path = root / split / f"class_{label}"
+    path.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.uint8(image * 15)).convert("RGB").save(path / f"{index}.png")
+  result = run_train(tmp_path / "folder_run", f"--config.folder={root}",
+                     "--config.eval_split=val", "--config.num_epochs=1",
+                     "--config.batch_size=32", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "240 images" in result.stdout
+  evals = [r for r in metrics(tmp_path / "folder_run") if "eval/top1" in r]
+  assert len(evals) == 1
