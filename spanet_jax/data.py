@@ -193,9 +193,13 @@ def eval_preprocess(image, config, crop_pct, mean, std):
 
 
 def _process_split(source: Source, process_index: int, process_count: int):
+  supervised = source.builder.info.supervised_keys is not None
+  if isinstance(source.builder, tfds.ImageFolder):  # it has no sub-split API
+    ds = source.builder.as_dataset(split=source.split, shuffle_files=False,
+                                   as_supervised=supervised)
+    return ds.shard(process_count, process_index) if process_count > 1 else ds
   split = tfds.even_splits(source.split, n=process_count, drop_remainder=False)[process_index]
-  return source.builder.as_dataset(split=split, shuffle_files=False,
-                                   as_supervised=source.builder.info.supervised_keys is not None)
+  return source.builder.as_dataset(split=split, shuffle_files=False, as_supervised=supervised)
 
 
 def train_batches(source: Source, config, local_batch: int, mean, std, start_step: int,
