@@ -63,16 +63,7 @@ def _timm_stand_ins():
   """The four timm helpers the official file imports, written here."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  class DropPath(torch.nn.Module):
-    def __init__(self, drop_prob=0.0):
-      super().__init__()
-      self.drop_prob = drop_prob
-
-    def forward(self, x):
-      if not self.training or self.drop_prob == 0.0:
-        return x
-      keep = 1 - self.drop_prob
-      return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep) / keep
+  from spanet_jax.torch_reference import DropPath  # pylint: disable=g-import-not-at-top
 
   layers = types.ModuleType("timm.models.layers")
   layers.trunc_normal_ = lambda tensor, std=1.0: torch.nn.init.trunc_normal_(tensor, std=std)
