@@ -47,11 +47,9 @@ class UsageError(Exception):
 
 
 def _check_output(path: str, overwrite: bool) -> None:
+  """Refuse to replace existing output unasked (its parents are created when writing)."""
   if os.path.exists(path) and not overwrite:
     raise UsageError(f"{path} already exists; pass --overwrite to replace it")
-  parent = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(parent):
-    raise UsageError(f"the directory of --output does not exist: {parent}")
 
 
 def _report(results) -> bool:

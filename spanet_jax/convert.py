@@ -365,6 +365,7 @@ def save_state_dict_file(state_dict: Mapping[str, np.ndarray], path: str) -> Non
 
   tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
   directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
   try:
     torch.save(tensors, tmp)

@@ -119,7 +119,7 @@ def test_learnable_masks_convert_and_match_the_reference(rng):
 
 def test_cli_converts_verifies_loads_and_exports(small_checkpoint, tmp_path):
   path, reference = small_checkpoint
-  out = tmp_path / "spanet_s"
+  out = tmp_path / "weights" / "spanet_s"  # parent directories are created, as in the README
   code, stdout, stderr = run_cli("--input", path, "--output", out, "--verify",
                                  "--verify-sizes", "224", "288")
   assert code == 0, stderr
@@ -133,7 +133,7 @@ def test_cli_converts_verifies_loads_and_exports(small_checkpoint, tmp_path):
   result = verify.compare_outputs(expected, jax.jit(model.apply)(variables, x), "random", 224)
   assert result.passed, str(result)
 
-  exported = tmp_path / "exported.pth"
+  exported = tmp_path / "export" / "exported.pth"
   code, stdout, stderr = run_cli("--to-torch", "--input", out, "--output", exported, "--verify",
                                  "--verify-sizes", "224")
   assert code == 0, stderr
