@@ -61,6 +61,12 @@ def validate(config, num_devices: int) -> None:
   for key in ("hflip", "mixup_switch_prob", "random_erasing"):
     if not 0 <= config[key] <= 1:
       raise ConfigError(f"config.{key}={config[key]} is a probability: use a value in [0, 1]")
+  if config.randaugment:
+    from spanet_jax import randaugment  # pylint: disable=g-import-not-at-top
+    try:
+      randaugment.RandAugmentSpec(config.randaugment)
+    except ValueError as err:
+      raise ConfigError(f"config.randaugment: {err}") from None
   if config.ema_decay >= 1:
     raise ConfigError(f"config.ema_decay={config.ema_decay} must be below 1")
 

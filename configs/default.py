@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.crop_scale = (0.08, 1.0)
   config.crop_ratio = (3 / 4, 4 / 3)
   config.hflip = 0.5
+  config.randaugment = "rand-m9-mstd0.5-inc1"  # timm's policy string; "" = off
   config.random_erasing = 0.25  # probability; per-pixel normal noise (timm's "pixel" mode)
   config.mixup = 0.8
   config.cutmix = 1.0

@@ -27,6 +27,7 @@ def get_config():
   config.mixup = 0.0
   config.cutmix = 0.0
   config.random_erasing = 0.0
+  config.randaugment = ""
 
   config.batch_size = 64
   config.num_epochs = 30

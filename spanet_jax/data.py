@@ -24,6 +24,8 @@ import tensorflow_datasets as tfds  # noqa: E402  pylint: disable=g-import-not-a
 
 tf.config.set_visible_devices([], "GPU")
 
+from spanet_jax import randaugment  # noqa: E402  pylint: disable=g-import-not-at-top
+
 
 class DataError(Exception):
   """A dataset that cannot be found or read; the message says what to do."""
@@ -125,11 +127,11 @@ def _normalize(image, mean, std):
 
 
 def train_preprocess(image, seed, config, mean, std):
-  """Random resized crop (scale, ratio), horizontal flip, normalise, random erasing.
-  Stateless: `seed`."""
+  """Random resized crop (scale, ratio), horizontal flip, RandAugment, normalise, random
+  erasing. Stateless: `seed`."""
   image = _to_rgb_float(image)
-  crop_seed, flip_seed, erase_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 3))
+  crop_seed, flip_seed, erase_seed, augment_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 4))
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.shape(image), bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=(1, 1, 4)),
       seed=crop_seed, min_object_covered=0.0, aspect_ratio_range=list(config.crop_ratio),
@@ -138,6 +140,11 @@ def train_preprocess(image, seed, config, mean, std):
   image = tf.image.resize(image, (config.image_size, config.image_size), method="bicubic")
   flip = tf.random.stateless_uniform((), flip_seed) < config.hflip
   image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+  if config.randaugment:
+    # On 8-bit values, as timm applies it to the PIL image.
+    pixels = tf.round(tf.clip_by_value(image * 255.0, 0.0, 255.0))
+    spec = randaugment.RandAugmentSpec(config.randaugment)
+    image = randaugment.rand_augment(pixels, augment_seed, spec) / 255.0
   image = _normalize(image, mean, std)
   return random_erasing(image, erase_seed, config.random_erasing)
 

@@ -187,6 +187,8 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(tmp_path, data_dir):
     ("--config.model=spanet_xl", "not one of"),
     ("--config.dataset=no_such_dataset_xyz", "TFDS has no dataset 'no_such_dataset_xyz'"),
     ("--config.folder=/nonexistent/imagenet", "no such folder: /nonexistent/imagenet"),
+    ("--config.randaugment=rand-m9", "config.randaugment: randaugment spec 'rand-m9': only"),
+    ("--config.random_erasing=1.5", "config.random_erasing=1.5 is a probability"),
 ])
 def test_bad_config_values_are_named(override, message, tmp_path, data_dir):
   result = run_train(tmp_path / "bad", override, data_dir=data_dir)
