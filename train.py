@@ -13,6 +13,7 @@ weights, for spanet_jax.load_pretrained and --config.init_from).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -124,7 +125,7 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   import spanet_jax  # pylint: disable=g-import-not-at-top
-  from spanet_jax import checkpoint, data, trainer  # pylint: disable=g-import-not-at-top
+  from spanet_jax import checkpoint, data, preprocess, trainer  # pylint: disable=g-import-not-at-top
 
   if FLAGS.distributed:
     # CPU-only clusters (and the tests) need a collectives implementation; it is
@@ -150,11 +151,15 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
     if process == 0 and processes > 1:
       multihost_utils.sync_global_devices("dataset prepared")
     train_source = data.make_source(builder, config.train_split)
+    names = data.class_names(builder)
+    names = names if names and len(names) == config.num_classes else None
     eval_source = data.make_source(builder, config.eval_split)
   except data.DataError as err:
     raise ConfigError(str(err)) from None
   info = spanet_jax.model_info(config.model)
   crop_pct = config.crop_pct if config.crop_pct > 0 else info.crop_pct
+  eval_data = preprocess.DataConfig(config.image_size, crop_pct, info.mean, info.std,
+                                    info.interpolation)
   local_batch = config.batch_size // processes
   eval_local_batch = (config.eval_batch_size or config.batch_size) // processes
   steps_per_epoch = train_source.num_examples // processes // local_batch
@@ -223,8 +228,8 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   def evaluate(state) -> dict:
     params = state.ema_params if state.ema_params is not None else state.params
     totals = {"top1": 0.0, "top5": 0.0, "count": 0.0}
-    for local in data.eval_batches(eval_source, config, eval_local_batch, crop_pct,
-                                   info.mean, info.std, process, processes):
+    for local, _ in data.eval_batches(eval_source, eval_data, eval_local_batch, process,
+                                      processes, config.prefetch):
       result = jax.device_get(eval_fn(params, trainer.global_batch(partitioning, local)))
       for key in totals:
         totals[key] += float(result[key])
@@ -300,7 +305,9 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
                              {"num_classes": config.num_classes,
                               **config.model_overrides.to_dict(),
                               "learnable_masks": config.learnable_masks},
-                             extra={"source": "train.py", "step": step}, overwrite=True)
+                             extra={"source": "train.py", "step": step,
+                                    "data": dataclasses.asdict(eval_data),
+                                    "class_names": names}, overwrite=True)
   print(f"done: weights in {final}", flush=True)
   manager.close()
   best_manager.close()

@@ -10,6 +10,7 @@ with exactly the batches it would have seen.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 from typing import Iterator
@@ -24,7 +25,7 @@ import tensorflow_datasets as tfds  # noqa: E402  pylint: disable=g-import-not-a
 
 tf.config.set_visible_devices([], "GPU")
 
-from spanet_jax import randaugment  # noqa: E402  pylint: disable=g-import-not-at-top
+from spanet_jax import preprocess, randaugment  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 class DataError(Exception):
@@ -62,10 +63,11 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A dataset split as this process reads it."""
-  builder: tfds.core.DatasetBuilder
+  """A dataset split: a TFDS builder's, or a list of (image path, label)."""
+  builder: tfds.core.DatasetBuilder | None
   split: str
   num_examples: int  # in the whole split, over all processes
+  files: tuple[tuple[str, int], ...] | None = None
 
 
 def make_builder(config) -> tfds.core.DatasetBuilder:
@@ -97,6 +99,14 @@ def make_builder(config) -> tfds.core.DatasetBuilder:
           f"them in {os.path.normpath(where)} (or pass --config.manual_dir), or point "
           f"--config.folder at a train/<class>/ val/<class>/ tree.") from None
   return builder
+
+
+def class_names(builder) -> list[str] | None:
+  """The dataset's class names in label order, when it declares them."""
+  try:
+    return list(builder.info.features["label"].names)
+  except (KeyError, AttributeError, TypeError):
+    return None
 
 
 def make_source(builder, split: str) -> Source:
@@ -183,30 +193,18 @@ def random_erasing(image, seed, probability: float, area=(0.02, 1 / 3),
   return tf.where(erase[..., None], noise, image)
 
 
-def eval_preprocess(image, config, crop_pct, mean, std):
-  """Resize the shorter side to floor(size / crop_pct) (bicubic), centre crop, normalise."""
-  image = _to_rgb_float(image)
-  size = config.image_size
-  scale_size = math.floor(size / crop_pct)
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  ratio = scale_size / tf.reduce_min(shape)
-  new_shape = tf.cast(tf.floor(shape * ratio), tf.int32)
-  new_shape = tf.maximum(new_shape, scale_size)
-  image = tf.image.resize(image, new_shape, method="bicubic")
-  top = (new_shape[0] - size + 1) // 2
-  left = (new_shape[1] - size + 1) // 2
-  image = tf.image.crop_to_bounding_box(image, top, left, size, size)
-  return _normalize(tf.clip_by_value(image, 0.0, 1.0), mean, std)
-
-
-def _process_split(source: Source, process_index: int, process_count: int):
+def _process_split(source: Source, process_index: int, process_count: int,
+                   decode: bool = True):
+  """This process's share of the split; with decode=False images stay encoded bytes."""
   supervised = source.builder.info.supervised_keys is not None
+  decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
   if isinstance(source.builder, tfds.ImageFolder):  # it has no sub-split API
     ds = source.builder.as_dataset(split=source.split, shuffle_files=False,
-                                   as_supervised=supervised)
+                                   as_supervised=supervised, decoders=decoders)
     return ds.shard(process_count, process_index) if process_count > 1 else ds
   split = tfds.even_splits(source.split, n=process_count, drop_remainder=False)[process_index]
-  return source.builder.as_dataset(split=split, shuffle_files=False, as_supervised=supervised)
+  return source.builder.as_dataset(split=split, shuffle_files=False, as_supervised=supervised,
+                                   decoders=decoders)
 
 
 def train_batches(source: Source, config, local_batch: int, mean, std, start_step: int,
@@ -238,27 +236,97 @@ def train_batches(source: Source, config, local_batch: int, mean, std, start_ste
     epoch, skip = epoch + 1, 0
 
 
-def eval_batches(source: Source, config, local_batch: int, crop_pct: float, mean, std,
-                 process_index: int, process_count: int) -> Iterator[dict]:
-  """Every example of the split exactly once; the last batches padded, with a 0/1 mask.
+def eval_batches(source: Source, data_config: preprocess.DataConfig, local_batch: int,
+                 process_index: int, process_count: int,
+                 prefetch: int = 2) -> Iterator[tuple[dict, list[str]]]:
+  """Every example of the split exactly once, as (batch, names): the last batches padded,
+  with a 0/1 `mask`; `names` says which image each real row is (a path, or the split
+  and position).
 
-  All processes yield the same number of batches (collectives need it).
+  Images are decoded and prepared with PIL exactly as timm's eval transform does, so a
+  model scores here what it scores in the official pipeline. All processes yield the same
+  number of batches (collectives need it).
   """
-  ds = _process_split(source, process_index, process_count).map(_image_and_label)
-  ds = ds.map(lambda image, label: {
-      "image": eval_preprocess(image, config, crop_pct, mean, std),
-      "label": tf.cast(label, tf.int32)}, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local_batch).prefetch(config.prefetch)
+  if source.files is not None:
+    mine = source.files[process_index::process_count]
+    ds = tf.data.Dataset.from_tensor_slices((
+        [path for path, _ in mine] or tf.zeros((0,), tf.string),
+        tf.constant([label for _, label in mine], tf.int32)))
+    ds = ds.map(lambda path, label: (tf.io.read_file(path), label, path))
+  else:
+    prefix = f"{source.builder.info.name}:{source.split} #"
+    if process_count > 1:  # positions count within this process's share
+      prefix = f"{source.builder.info.name}:{source.split} (process {process_index}) #"
+    ds = _process_split(source, process_index, process_count, decode=False)
+    ds = ds.map(_image_and_label).enumerate().map(
+        lambda i, example: (example[0], example[1], prefix + tf.strings.as_string(i)))
+  size = data_config.input_size
+
+  def prepare(encoded, label, name):
+    image, ok = tf.numpy_function(lambda b: _eval_transform(b, data_config), [encoded],
+                                  [tf.float32, tf.bool], stateful=False)
+    return {"image": tf.ensure_shape(image, (size, size, 3)), "ok": ok,
+            "label": tf.cast(label, tf.int32), "name": name}
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch).prefetch(prefetch)
   per_process_max = -(-source.num_examples // process_count)
   num_batches = -(-per_process_max // local_batch)
-  size = config.image_size
   produced = 0
   for batch in tfds.as_numpy(ds):
-    yield _pad(batch, local_batch)
+    names = [n.decode() for n in batch.pop("name")]
+    failed = [n for n, ok in zip(names, batch.pop("ok")) if not ok]
+    if failed:
+      raise DataError(f"cannot decode {failed[0]} as an image"
+                      + (f" (and {len(failed) - 1} more in its batch)" if len(failed) > 1
+                         else ""))
+    yield _pad(batch, local_batch), names
     produced += 1
   empty = {"image": np.zeros((0, size, size, 3), np.float32), "label": np.zeros((0,), np.int32)}
   for _ in range(num_batches - produced):
-    yield _pad(empty, local_batch)
+    yield _pad(empty, local_batch), []
+
+
+def _eval_transform(encoded: bytes, data_config: preprocess.DataConfig):
+  """Encoded image -> (prepared float32 image, True), or (zeros, False) if undecodable."""
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+
+  try:
+    with Image.open(io.BytesIO(encoded)) as image:
+      return data_config.transform(image.convert("RGB")), np.bool_(True)
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    size = data_config.input_size
+    return np.zeros((size, size, 3), np.float32), np.bool_(False)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def folder_classes(root: str) -> list[str]:
+  """The class sub-directories of a class-per-folder tree, sorted."""
+  if not os.path.isdir(root):
+    raise DataError(f"no such folder: {root}")
+  classes = sorted(d for d in os.listdir(root)
+                   if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+  if not classes:
+    raise DataError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
+  return classes
+
+
+def folder_source(root: str, class_index: dict[str, int]) -> Source:
+  """The images of a class-per-folder tree, labelled by `class_index` (folder -> class)."""
+  files = []
+  for name in folder_classes(root):
+    if name not in class_index:
+      continue
+    folder = os.path.join(root, name)
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+      dirnames.sort()
+      files += [(os.path.join(dirpath, f), class_index[name]) for f in sorted(filenames)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+  if not files:
+    raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/")
+  return Source(builder=None, split=root, num_examples=len(files), files=tuple(files))
 
 
 def _pad(batch: dict, size: int) -> dict:

@@ -7,6 +7,7 @@ the same photograph gives the same tensor here and in the official pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Sequence
@@ -57,6 +58,21 @@ def eval_transform(image, input_size: int = 224, crop_pct: float = 0.9,
   image = image.crop((left, top, left + input_size, top + input_size))
   pixels = np.asarray(image, dtype=np.float32) / 255.0
   return ((pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """How images must be prepared for a model (timm's eval transform settings)."""
+  input_size: int
+  crop_pct: float
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  interpolation: str = "bicubic"
+
+  def transform(self, image) -> np.ndarray:
+    """A PIL image -> the normalised (size, size, 3) float32 array the model expects."""
+    return eval_transform(image, self.input_size, self.crop_pct, self.mean, self.std,
+                          self.interpolation)
 
 
 def sample_photo_paths() -> list[str]:

@@ -139,6 +139,13 @@ def eval_step(params, batch: dict, *, model):
   return {"top1": jnp.sum(top1 * mask), "top5": jnp.sum(top5 * mask), "count": jnp.sum(mask)}
 
 
+def predict_step(params, images, *, model, k: int = 5):
+  """The k most likely classes of each image and their softmax probabilities."""
+  logits = model.apply({"params": params}, images, train=False).astype(jnp.float32)
+  probs, classes = jax.lax.top_k(jax.nn.softmax(logits), min(k, logits.shape[-1]))
+  return classes, probs
+
+
 def merge_pretrained(params, pretrained) -> tuple[Any, list[str]]:
   """Take every pretrained tensor whose path and shape match; report the rest (new head)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")

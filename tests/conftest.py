@@ -24,6 +24,16 @@ def tiny_reference(seed: int = 0, **kwargs):
   return torch_reference.randomize_(torch_reference.SPANet(**TINY_ARCH, **kwargs), seed).eval()
 
 
+def run_main(main, *args):
+  """A tool's main(argv) in-process; returns (exit code, stdout, stderr)."""
+  import contextlib
+  import io
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = main([str(a) for a in args])
+  return code, out.getvalue(), err.getvalue()
+
+
 def state_dict_numpy(module):
   return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
 

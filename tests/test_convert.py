@@ -12,7 +12,7 @@ import torch
 import convert_torch_weights
 import spanet_jax
 from spanet_jax import convert, registry, torch_reference, verify
-from conftest import TINY, state_dict_numpy, tiny_reference
+from conftest import TINY, run_main, state_dict_numpy, tiny_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,13 +38,7 @@ def small_checkpoint(tmp_path_factory):
 
 
 def run_cli(*args):
-  """main() in-process; returns (exit code, stdout, stderr)."""
-  import contextlib
-  import io
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = convert_torch_weights.main([str(a) for a in args])
-  return code, out.getvalue(), err.getvalue()
+  return run_main(convert_torch_weights.main, *args)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,189 @@
+"""Open any checkpoint a user points a tool at, with everything needed to feed it.
+
+Accepted: a directory written by convert_torch_weights.py or save_pretrained (it holds
+spanet.json); a train.py workdir (its final/ weights, or while training runs, its best/
+ones rebuilt from config.json); or `init:NAME` (e.g. `init:spanet_s`), freshly
+initialised weights (seed 0), the untrained baseline of an analysis. Anything else is a
+CheckpointError that says what the path is and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zipfile
+from typing import Any, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spanet_jax import checkpoint, labels, preprocess, registry
+from spanet_jax.checkpoint import CheckpointError
+from spanet_jax.preprocess import DataConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  path: str
+  name: str  # registry name, e.g. "spanet_s"
+  model: Any
+  variables: Any
+  data: DataConfig
+  class_names: tuple[str, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+
+def data_config(model_name: str, stored: dict | None = None) -> DataConfig:
+  """The model's registry metadata, overridden by what a checkpoint recorded."""
+  info = registry.model_info(model_name)
+  defaults = dict(input_size=info.input_size, crop_pct=info.crop_pct, mean=info.mean,
+                  std=info.std, interpolation=info.interpolation)
+  stored = {k: v for k, v in (stored or {}).items() if k in defaults and v is not None}
+  merged = {**defaults, **stored}
+  merged["mean"], merged["std"] = tuple(merged["mean"]), tuple(merged["std"])
+  return DataConfig(**merged)
+
+
+def default_class_names(num_classes: int) -> tuple[str, ...]:
+  if num_classes == labels.NUM_IMAGENET_CLASSES:
+    return labels.imagenet_class_names()
+  return tuple(f"class {i}" for i in range(num_classes))
+
+
+def load(path: str, **overrides: Any) -> LoadedModel:
+  """Open `path` (see the module docstring); `overrides` as in load_pretrained."""
+  if path.startswith(INIT_PREFIX):
+    return _initialised(path[len(INIT_PREFIX):], overrides)
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(path):
+    raise CheckpointError(f"no such checkpoint: {path}")
+  if os.path.isfile(path):
+    if zipfile.is_zipfile(path) or path.endswith((".pth", ".pt", ".bin")):
+      raise CheckpointError(
+          f"{path} is a PyTorch file, not a spanet-jax checkpoint; convert it first: "
+          f"python convert_torch_weights.py --input {path} --output DIR")
+    raise CheckpointError(f"{path} is a file; a checkpoint is a directory written by "
+                          "convert_torch_weights.py or train.py")
+  if os.path.isfile(os.path.join(path, checkpoint.METADATA_FILE)):
+    return _load_pretrained_dir(path, overrides)
+  if os.path.isfile(os.path.join(path, "config.json")):
+    final = os.path.join(path, "final")
+    if os.path.isfile(os.path.join(final, checkpoint.METADATA_FILE)):
+      return _load_pretrained_dir(final, overrides)
+    return _load_workdir_best(path, overrides)
+  raise CheckpointError(
+      f"{path} is neither a spanet-jax checkpoint (no {checkpoint.METADATA_FILE}) nor a "
+      "train.py workdir (no config.json)")
+
+
+INIT_PREFIX = "init:"
+
+
+def _initialised(name: str, overrides: dict) -> LoadedModel:
+  try:
+    model = registry.create_model(name, **overrides)
+  except ValueError as err:
+    raise CheckpointError(str(err)) from None
+  data = data_config(name)
+  size = data.input_size
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+  return LoadedModel(INIT_PREFIX + name, name, model, variables, data,
+                     default_class_names(_num_classes(variables, model)))
+
+
+def _load_pretrained_dir(path: str, overrides: dict) -> LoadedModel:
+  metadata = checkpoint.read_metadata(path)
+  model, variables = checkpoint.load_pretrained(path, **overrides)
+  name = metadata["model"]
+  _check_params(path, model, variables, metadata["overrides"])
+  num_classes = _num_classes(variables, model)
+  class_names = tuple(metadata.get("class_names") or default_class_names(num_classes))
+  if len(class_names) != num_classes:
+    raise CheckpointError(f"{path}: spanet.json names {len(class_names)} classes but the "
+                          f"head has {num_classes}")
+  return LoadedModel(path, name, model, variables, data_config(name, metadata.get("data")),
+                     class_names)
+
+
+def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = json.load(f)
+    name = config["model"]
+    registry.model_info(name)
+    options = {**config.get("model_overrides", {}), "num_classes": config["num_classes"],
+               "learnable_masks": config.get("learnable_masks", False)}
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+    raise CheckpointError(f"{workdir}/config.json is not a train.py config: {err}") from None
+  best = os.path.join(workdir, "best")
+  manager = ocp.CheckpointManager(best) if os.path.isdir(best) else None
+  step = manager.latest_step() if manager else None
+  if step is None:
+    raise CheckpointError(f"{workdir} is a train.py workdir with no weights yet: neither "
+                          "final/ nor an evaluated best/ checkpoint")
+  try:
+    params = manager.restore(step, args=ocp.args.StandardRestore())
+  finally:
+    manager.close()
+  params = jax.tree.map(np.asarray, params)
+  model = registry.create_model(name, **{**options, **overrides})
+  variables = {"params": params}
+  _check_params(best, model, variables, options)
+  num_classes = config["num_classes"]
+  crop_pct = config.get("crop_pct", -1)
+  data = data_config(name, {"input_size": config.get("image_size"),
+                            "crop_pct": crop_pct if crop_pct and crop_pct > 0 else None})
+  print(f"{workdir}: training has not finished; using best/ (step {step})", flush=True)
+  return LoadedModel(best, name, model, variables, data, default_class_names(num_classes))
+
+
+def _num_classes(variables, model) -> int:
+  head = variables["params"].get("head")
+  return int(head["bias"].shape[0]) if head is not None else int(model.num_classes)
+
+
+def _check_params(path: str, model, variables, options: dict) -> None:
+  """Refuse weights that do not fit the model the metadata describes."""
+  size = 64
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+  want = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected["params"]), sep="/")
+  have = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables["params"]), sep="/")
+  problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+  problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+  problems += [f"{k}: shape {tuple(np.shape(have[k]))}, the model needs {tuple(want[k].shape)}"
+               for k in sorted(set(want) & set(have))
+               if tuple(np.shape(have[k])) != tuple(want[k].shape)]
+  if problems:
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5
+                                       else "")
+    raise CheckpointError(f"the weights in {path} do not fit the model its metadata describes "
+                          f"({model.__class__.__name__} with {options}): {shown}")
+
+
+def predict_fn(loaded: LoadedModel):
+  """A jitted images -> float32 logits function."""
+  apply = jax.jit(lambda variables, images: loaded.model.apply(variables, images, train=False))
+  return lambda images: apply(loaded.variables, jnp.asarray(images)).astype(jnp.float32)
+
+
+def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """(indices, softmax probabilities) of the k most likely classes, most likely first."""
+  logits = np.asarray(logits, np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  k = min(k, logits.shape[-1])
+  order = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
+  return order, np.take_along_axis(probs, order, -1)
+
+
+def load_images(paths: Sequence[str], data: DataConfig) -> np.ndarray:
+  """Decode and prepare image files (ImageError names the file that fails)."""
+  return np.stack([data.transform(preprocess.load_image(p)) for p in paths])

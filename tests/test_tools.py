@@ -1,0 +1,346 @@
+"""predict.py, evaluate.py and spectral_analysis.py, on converted and trained checkpoints."""
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+import torch
+
+import convert_torch_weights
+import evaluate
+import predict
+import spanet_jax
+import spectral_analysis
+from configs import default
+from spanet_jax import frequency_analysis, inference, labels, preprocess
+from conftest import TINY, TINY_ARCH, run_main, tiny_reference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GREY_PHOTO = "camera.png"  # scikit-image's grey photograph: must become RGB
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+  """An official-layout .pth of the tiny model (random, non-trivial weights), converted."""
+  reference = tiny_reference(seed=3)
+  root = tmp_path_factory.mktemp("official")
+  pth = root / "tiny.pth"
+  torch.save({"model": reference.state_dict()}, pth)
+  converted = root / "converted"
+  code, _, stderr = run_main(convert_torch_weights.main, "--input", pth, "--output", converted)
+  assert code == 0, stderr
+  return str(pth), str(converted), reference
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+  """Real photographs in ImageNet synset folders (val/<synset>/<image>), one grey, plus a
+  file that is not an image and must be ignored."""
+  root = tmp_path_factory.mktemp("photos") / "val"
+  photos = preprocess.sample_photo_paths()
+  photos.append(os.path.join(os.path.dirname(photos[0]), GREY_PHOTO))
+  synsets = labels.imagenet_synsets()
+  for number, path in enumerate(photos):
+    folder = root / synsets[[281, 967, 404][number % 3]]  # tabby, espresso, airliner
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, folder / os.path.basename(path))
+  (root / synsets[281] / "notes.txt").write_text("not an image")
+  return str(root)
+
+
+def torch_top5(reference, paths, data):
+  """The official-layout PyTorch model's top-5 classes and probabilities per image."""
+  images = np.stack([data.transform(preprocess.load_image(p)) for p in paths])
+  with torch.no_grad():
+    logits = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+  return inference.top_k(logits, 5)
+
+
+def read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------
+# Class names and checkpoint loading.
+
+
+def test_imagenet_labels_come_from_tfds_in_class_order():
+  synsets, names = labels.imagenet_synsets(), labels.imagenet_class_names()
+  assert len(synsets) == len(names) == 1000 and len(set(synsets)) == 1000
+  assert synsets[0] == "n01440764" and names[0].startswith("tench")
+  assert synsets[281] == "n02123045" and labels.short_name(names[281]) == "tabby"
+  assert labels.short_name(names[999]) == "toilet tissue"
+
+
+def test_load_refuses_what_is_not_a_checkpoint(tmp_path, official, tiny_variables):
+  pth, _, _ = official
+  cases = [(tmp_path / "missing", "no such checkpoint"),
+           (pth, "PyTorch file.*convert_torch_weights.py"),
+           (tmp_path, "neither a spanet-jax checkpoint")]
+  lying = tmp_path / "lying"  # tiny weights described as SPANet-S
+  spanet_jax.save_pretrained(str(lying), "spanet_s", tiny_variables["params"])
+  cases.append((lying, "do not fit the model.*missing"))
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(default.get_config().to_json())
+  cases.append((workdir, "no weights yet"))
+  for path, message in cases:
+    with pytest.raises(spanet_jax.checkpoint.CheckpointError, match=message):
+      inference.load(str(path))
+
+
+def test_load_reads_a_train_workdir_before_it_finishes(tmp_path, tiny_variables):
+  import orbax.checkpoint as ocp
+  config = default.get_config()
+  config.model, config.num_classes, config.image_size = TINY, 1000, 64
+  config.model_overrides.layers = TINY_ARCH["layers"]  # as a run that overrides them
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  with ocp.CheckpointManager(str(tmp_path / "best")) as manager:
+    manager.save(30, args=ocp.args.StandardSave(tiny_variables["params"]),
+                 metrics={"eval/top1": 0.5})
+  loaded = inference.load(str(tmp_path))
+  assert loaded.name == TINY and loaded.data.input_size == 64 and loaded.num_classes == 1000
+  jax.tree.map(np.testing.assert_array_equal, loaded.variables["params"],
+               jax.device_get(tiny_variables["params"]))
+
+
+# ---------------------------------------------------------------------------------------
+# predict.py
+
+
+def test_predict_gives_the_official_models_top5_with_imagenet_names(tmp_path, official):
+  pth, converted, reference = official
+  photos = preprocess.sample_photo_paths()[:5]
+  out = tmp_path / "out" / "predictions.json"
+  code, stdout, stderr = run_main(predict.main, *photos, "--checkpoint", converted,
+                                  "--json", out, "--batch-size", 2)
+  assert code == 0, stderr
+  result = json.loads(out.read_text())
+  names = labels.imagenet_class_names()
+  classes, probs = torch_top5(reference, photos, inference.data_config(TINY))
+  assert [p["image"] for p in result["predictions"]] == photos
+  for row, want_classes, want_probs in zip(result["predictions"], classes, probs):
+    assert [t["class"] for t in row["top"]] == list(want_classes)
+    assert [t["name"] for t in row["top"]] == [names[c] for c in want_classes]
+    np.testing.assert_allclose([t["probability"] for t in row["top"]], want_probs, atol=2e-6)
+  assert names[classes[0][0]] in stdout and photos[0] in stdout
+
+
+def test_predict_bad_input_is_one_message_and_writes_nothing(tmp_path, official):
+  pth, converted, _ = official
+  broken = tmp_path / "broken.jpg"
+  broken.write_bytes(b"\xff\xd8 this is not a JPEG")
+  photo = preprocess.sample_photo_paths()[0]
+  out = tmp_path / "predictions.json"
+  for args, message in [((broken, "--checkpoint", converted), "cannot decode.*broken.jpg"),
+                        ((tmp_path / "nope.png", "--checkpoint", converted), "no such image"),
+                        ((photo, "--checkpoint", pth), "PyTorch file"),
+                        ((photo, "--checkpoint", converted, "--top-k", 0), "positive")]:
+    code, _, stderr = run_main(predict.main, *args, "--json", out)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert re.search(message, stderr), stderr
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate.py
+
+
+def test_evaluate_agrees_image_by_image_with_the_official_model(tmp_path, official,
+                                                               photo_folder):
+  _, converted, reference = official
+  output, predictions = tmp_path / "result.json", tmp_path / "predictions.csv"
+  code, stdout, stderr = run_main(evaluate.main, "--checkpoint", converted, "--data",
+                                  photo_folder, "--batch-size", 4, "--output", output,
+                                  "--predictions", predictions)
+  assert code == 0, stderr
+  rows = read_csv(predictions)
+  expected_paths = sorted(os.path.join(d, f) for d, _, files in os.walk(photo_folder)
+                          for f in files if not f.endswith(".txt"))
+  assert sorted(r["image"] for r in rows) == expected_paths  # each image once, no .txt
+  classes, probs = torch_top5(reference, [r["image"] for r in rows],
+                              inference.data_config(TINY))
+  synsets = labels.imagenet_synsets()
+  for row, want_classes, want_probs in zip(rows, classes, probs):
+    assert int(row["label"]) == synsets.index(os.path.basename(os.path.dirname(row["image"])))
+    assert [int(row[f"top{i}"]) for i in range(1, 6)] == list(want_classes), row["image"]
+    assert abs(float(row["top1_probability"]) - want_probs[0]) < 2e-6
+  result = json.loads(output.read_text())
+  hits = [int(r["label"]) == c[0] for r, c in zip(rows, classes)]
+  assert result["num_images"] == len(rows) == 9
+  assert result["top1"] == pytest.approx(np.mean(hits))
+  assert f"top-1 {100 * np.mean(hits):.2f}%" in stdout
+
+
+def test_evaluate_on_a_tfds_split_counts_every_example(tmp_path, tiny_variables):
+  model = spanet_jax.create_model(TINY, num_classes=10)
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))["params"]
+  checkpoint = tmp_path / "digits"
+  spanet_jax.save_pretrained(str(checkpoint), TINY, params, {"num_classes": 10},
+                             extra={"data": {"input_size": 32, "crop_pct": 1.0},
+                                    "class_names": [str(i) for i in range(10)]})
+  output, predictions = tmp_path / "result.json", tmp_path / "predictions.csv"
+  code, _, stderr = run_main(evaluate.main, "--checkpoint", checkpoint, "--data",
+                             "sklearn_digits:test", "--data-dir", tmp_path / "tfds",
+                             "--batch-size", 64, "--output", output, "--predictions",
+                             predictions)
+  assert code == 0, stderr
+  rows = read_csv(predictions)
+  result = json.loads(output.read_text())
+  assert result["num_images"] == len(rows) == 360 == len({r["image"] for r in rows})
+  assert result["top1"] == pytest.approx(np.mean([r["label"] == r["top1"] for r in rows]))
+  assert result["top5"] == pytest.approx(np.mean(
+      [r["label"] in [r[f"top{i}"] for i in range(1, 6)] for r in rows]))
+  split = tfds.builder("sklearn_digits", data_dir=str(tmp_path / "tfds")).as_dataset(
+      "test", as_supervised=True)
+  assert sorted(int(r["label"]) for r in rows) == sorted(  # the split's own labels
+      int(label) for _, label in tfds.as_numpy(split))
+  # A 1000-class model cannot be scored on 10 classes.
+  code, _, stderr = run_main(evaluate.main, "--checkpoint", "init:" + TINY, "--data",
+                             "sklearn_digits:test", "--data-dir", tmp_path / "tfds")
+  assert code == 2 and "has 10 classes but the checkpoint's model has 1000" in stderr
+
+
+def test_evaluate_bad_input_is_one_message_and_writes_nothing(tmp_path, official,
+                                                               photo_folder):
+  _, converted, _ = official
+  broken_tree = tmp_path / "broken"
+  shutil.copytree(photo_folder, broken_tree)
+  bad = broken_tree / labels.imagenet_synsets()[404] / "truncated.jpg"
+  bad.write_bytes(open(preprocess.sample_photo_paths()[3], "rb").read()[:200])
+  unnamed = tmp_path / "unnamed"
+  (unnamed / "cats").mkdir(parents=True)
+  shutil.copy(preprocess.sample_photo_paths()[1], unnamed / "cats")
+  output = tmp_path / "result.json"
+  for args, message in [
+      ((converted, "--data", broken_tree), "cannot decode .*truncated.jpg"),
+      ((converted, "--data", tmp_path / "nowhere"), "not DATASET:SPLIT"),
+      ((converted, "--data", "no_such_dataset_xyz:test"), "TFDS has no dataset"),
+      ((converted, "--data", unnamed), "cannot tell which .* classes each of the 1 folders"),
+      ((tmp_path / "missing", "--data", photo_folder), "no such checkpoint"),
+      ((converted, "--data", photo_folder, "--batch-size", 0), "positive multiple")]:
+    code, _, stderr = run_main(evaluate.main, "--checkpoint", *args, "--output", output)
+    assert code == 2 and re.search(message, stderr), (args, stderr)
+    assert stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not output.exists()
+
+
+def test_evaluate_over_8_devices_matches_1_device(tmp_path, official, photo_folder):
+  _, converted, _ = official
+  single = tmp_path / "single.csv"
+  code, _, stderr = run_main(evaluate.main, "--checkpoint", converted, "--data", photo_folder,
+                             "--batch-size", 4, "--predictions", single)
+  assert code == 0, stderr
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "PYTHONPATH": REPO}
+  # The tiny model is registered by the tests, so the subprocess evaluates a copy of its
+  # weights described as such through the module that registers it.
+  script = ("import sys; sys.path.insert(0, 'tests'); import conftest, evaluate; "
+            "sys.exit(evaluate.main(sys.argv[1:]))")
+  sharded = tmp_path / "sharded.csv"
+  run = lambda batch: subprocess.run(
+      [sys.executable, "-c", script, "--checkpoint", converted, "--data", photo_folder,
+       "--batch-size", str(batch), "--predictions", str(sharded)],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+  done = run(8)
+  assert done.returncode == 0, done.stderr
+  assert "over 8 devices" in done.stderr
+  a, b = read_csv(single), read_csv(sharded)
+  assert [r["image"] for r in a] == [r["image"] for r in b]
+  for x, y in zip(a, b):
+    assert [x[f"top{i}"] for i in range(1, 6)] == [y[f"top{i}"] for i in range(1, 6)]
+    assert abs(float(x["top1_probability"]) - float(y["top1_probability"])) < 2e-6
+  refused = run(12)
+  assert refused.returncode == 2 and "multiple of the 8 devices" in refused.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# spectral_analysis.py
+
+
+def reference_relative_log_amplitude(feature):
+  """SPEC section 3 written out directly in NumPy for one (B, H, W, C) feature map."""
+  amplitude = np.log(np.abs(np.fft.fft2(np.asarray(feature, np.float64), axes=(1, 2))) + 1e-6)
+  centred = np.fft.fftshift(amplitude.mean(axis=(0, 3)))
+  h = centred.shape[0]
+  diagonal = np.array([centred[h // 2 + k, h // 2 + k] for k in range(h - h // 2)])
+  return diagonal - diagonal[0]
+
+
+def test_spectral_analysis_matches_the_definition(tiny_variables):
+  model = spanet_jax.create_model(TINY)
+  images = np.stack([preprocess.eval_transform(preprocess.load_image(p), 96)
+                     for p in preprocess.sample_photo_paths()[:5]])
+  spectra = frequency_analysis.analyse(model, tiny_variables, images, batch_size=2)
+  assert [(s.stage, s.index_in_stage) for s in spectra] == [(0, 0), (1, 0), (2, 0), (2, 1),
+                                                             (3, 0)]
+  assert [s.height for s in spectra] == [24, 12, 6, 6, 3]
+  # The last block of each stage is that stage's output.
+  stage_outputs = model.apply(tiny_variables, jnp.asarray(images), method="stage_features")
+  last_blocks = [spectra[0], spectra[1], spectra[3], spectra[4]]
+  for spectrum, feature in zip(last_blocks, stage_outputs):
+    np.testing.assert_allclose(spectrum.relative_log_amplitude,
+                               reference_relative_log_amplitude(feature), atol=2e-4)
+    assert spectrum.relative_log_amplitude[0] == 0.0
+    np.testing.assert_allclose(spectrum.frequencies,
+                               2 * np.arange(len(spectrum.frequencies)) / spectrum.height)
+
+
+def test_spectral_analysis_cli_draws_a_figure_and_writes_one_csv_row_per_block(
+    tmp_path, official, photo_folder):
+  _, converted, _ = official
+  out = tmp_path / "plots" / "spectra.png"
+  code, stdout, stderr = run_main(
+      spectral_analysis.main, "--checkpoint", converted, "--checkpoint", "init:" + TINY,
+      "--label", "converted", "--label", "untrained", "--images", photo_folder,
+      "--max-images", 6, "--batch-size", 4, "--out", out)
+  assert code == 0, stderr
+  from PIL import Image
+  with Image.open(out) as picture:
+    pixels = np.asarray(picture.convert("RGB"))
+  assert pixels.shape[0] > 200 and pixels.shape[1] > 600
+  colours = np.unique(pixels.reshape(-1, 3), axis=0)
+  assert len(colours) > 50  # curves, text and axes, not a blank canvas
+  assert (pixels != 255).any(-1).mean() > 0.02
+  rows = read_csv(tmp_path / "plots" / "spectra.csv")
+  blocks = sum(TINY_ARCH["layers"])
+  assert [r["model"] for r in rows] == ["converted"] * blocks + ["untrained"] * blocks
+  assert [int(r["block"]) for r in rows] == list(range(blocks)) * 2
+  for row in rows:
+    curve = [float(v) for v in row["relative_log_amplitude"].split()]
+    assert len(curve) == len(row["frequencies_pi"].split()) and curve[0] == 0.0
+    assert float(row["high_frequency_relative_log_amplitude"]) == pytest.approx(curve[-1],
+                                                                                abs=1e-6)
+  assert "wrote" in stdout and "6 images" in stderr
+
+
+def test_spectral_analysis_bad_input_writes_nothing(tmp_path, official):
+  _, converted, _ = official
+  broken = tmp_path / "broken.png"
+  broken.write_bytes(b"\x89PNG not really")
+  photo = preprocess.sample_photo_paths()[0]
+  out = tmp_path / "spectra.png"
+  for args, message in [
+      (("--checkpoint", converted, "--images", broken), "cannot decode.*broken.png"),
+      (("--checkpoint", converted, "--images", tmp_path / "none"), "no such file"),
+      (("--checkpoint", converted, "--label", "a", "--label", "b", "--images", photo),
+       "2 --label for 1 --checkpoint"),
+      (("--checkpoint", "init:resnet50", "--images", photo), "unknown model"),
+      (("--checkpoint", converted, "--checkpoint", tmp_path, "--images", photo),
+       "neither a spanet-jax checkpoint")]:
+    code, _, stderr = run_main(spectral_analysis.main, *args, "--out", out)
+    assert code == 2 and re.search(message, stderr), (args, stderr)
+    assert not out.exists() and not (tmp_path / "spectra.csv").exists()
+  code, _, stderr = run_main(spectral_analysis.main, "--checkpoint", converted, "--images",
+                             photo, "--out", tmp_path / "spectra.txt")
+  assert code == 2 and "use a .png" in stderr
