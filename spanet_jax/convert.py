@@ -1,7 +1,8 @@
-"""Official PyTorch SPANet state_dicts <-> Flax params, in both directions.
+"""Official PyTorch SPANet and SPANetV2 state_dicts <-> Flax params, in both directions.
 
-One table (`key_map`) lists, for an architecture, every official key with the Flax
-parameter it becomes and how the tensor is laid out; both directions read it.
+One table per family (`key_map` here, `convert_v2.key_map`) lists, for an
+architecture, every official key with the Flax parameter it becomes and how the tensor
+is laid out; both directions read it.
 Tensors are handled as numpy arrays here; reading and writing `.pth` files (torch)
 happens in `load_state_dict_file` / `save_state_dict_file` only.
 """
@@ -30,6 +31,8 @@ CONV = "conv"        # (O, I, kh, kw) <-> (kh, kw, I, O)
 POINTWISE = "1x1"    # (O, I, 1, 1)   <-> (I, O) Dense kernel
 LINEAR = "linear"    # (O, I)         <-> (I, O)
 VECTOR = "vector"    # (C,)           <-> (C,)
+AS_IS = "as is"      # any shape, unchanged (SPANetV2's learned filters)
+GROUPED = "grouped"  # (O, I/G, 1, 1) grouped 1x1 conv <-> (G, I/G, O/G)
 MASK = "mask"        # (1, H, W) centred SPF mask <-> one row of (3, H, W) spectral_masks
 
 
@@ -50,11 +53,20 @@ class Architecture:
   num_classes: int
   features_only: bool
   mask_sizes: tuple[int, ...]
+  family = "spanet"
 
   def overrides(self) -> dict[str, Any]:
     """create_model keyword arguments that rebuild this architecture."""
     return dict(num_classes=self.num_classes, features_only=self.features_only,
                 mask_sizes=self.mask_sizes)
+
+  def describe(self) -> str:
+    return f"layers {list(self.layers)}, dims {list(self.dims)}"
+
+  @classmethod
+  def of_model(cls, model) -> "Architecture":
+    return cls(tuple(model.layers), tuple(model.dims), model.num_classes,
+               model.features_only, tuple(model.mask_sizes))
 
 
 def _module(prefix: str, path: tuple[str, ...], kind: str, bias: bool = True) -> list[Entry]:
@@ -100,7 +112,12 @@ def key_map(arch: Architecture, res_scale_stages=(False, False, True, True)) -> 
   return entries
 
 
-def _to_flax(array: np.ndarray, kind: str) -> np.ndarray:
+def _to_flax(array: np.ndarray, kind: str, flax_shape: tuple[int, ...]) -> np.ndarray:
+  if kind == GROUPED:
+    # Output channel g * (O/G) + o of a grouped conv reads inputs g * (I/G) + i; the
+    # file's (O, I/G) does not say G, the model's (G, I/G, O/G) does.
+    groups, per_group_in, per_group_out = flax_shape
+    return array[:, :, 0, 0].reshape(groups, per_group_out, per_group_in).transpose(0, 2, 1)
   if kind == CONV:
     return array.transpose(2, 3, 1, 0)
   if kind == POINTWISE:
@@ -111,6 +128,10 @@ def _to_flax(array: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _to_torch(array: np.ndarray, kind: str) -> np.ndarray:
+  if kind == GROUPED:
+    groups, per_group_in, per_group_out = array.shape
+    return array.transpose(0, 2, 1).reshape(groups * per_group_out, per_group_in)[:, :, None,
+                                                                                  None]
   if kind == CONV:
     return array.transpose(3, 2, 0, 1)
   if kind == POINTWISE:
@@ -168,11 +189,22 @@ def _as_numpy(value: Any) -> np.ndarray:
 _BLOCK_KEY = re.compile(r"^network\.(\d+)\.(\d+)\.")
 
 
-def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> Architecture:
-  """Read layers, widths, head and mask sizes off an official-layout state_dict."""
+def infer_architecture(state_dict: Mapping[str, np.ndarray]):
+  """The architecture (Architecture or convert_v2.ArchitectureV2) a state_dict holds."""
+  from spanet_jax import convert_v2  # pylint: disable=g-import-not-at-top
+
+  if convert_v2.STEM_KEY in state_dict:
+    return convert_v2.infer_architecture(state_dict)
   if "patch_embed.proj.weight" not in state_dict:
-    raise ConversionError("no 'patch_embed.proj.weight' in the file: not a SPANet checkpoint "
-                          f"(first keys: {', '.join(list(state_dict)[:5])})")
+    raise ConversionError(
+        "neither 'patch_embed.proj.weight' (SPANet) nor "
+        f"'{convert_v2.STEM_KEY}' (SPANetV2) in the file: not a SPANet checkpoint "
+        f"(first keys: {', '.join(list(state_dict)[:5])})")
+  return _infer_spanet(state_dict)
+
+
+def _infer_spanet(state_dict: Mapping[str, np.ndarray]) -> Architecture:
+  """Read layers, widths, head and mask sizes off a SPANet state_dict."""
   depth_by_index: dict[int, int] = {}
   for key in state_dict:
     match = _BLOCK_KEY.match(key)
@@ -199,19 +231,36 @@ def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> Architecture:
   return Architecture(layers, tuple(dims), num_classes, features_only, tuple(mask_sizes))
 
 
-def matching_model(arch: Architecture) -> str | None:
-  """The registered model with these layers and widths, if any."""
+def matching_model(arch) -> str | None:
+  """The registered model of the same family and architecture, if any."""
   for name in registry.list_models():
-    a = registry.model_info(name).architecture
-    if tuple(a["layers"]) == arch.layers and tuple(a["dims"]) == arch.dims:
+    info = registry.model_info(name)
+    if info.family == arch.family and all(
+        tuple(value) == tuple(getattr(arch, key)) for key, value in info.architecture.items()):
       return name
   return None
 
 
-def describe(arch: Architecture) -> str:
+def describe(arch) -> str:
   name = matching_model(arch)
-  shape = f"layers {list(arch.layers)}, dims {list(arch.dims)}"
-  return f"{name} ({shape})" if name else f"no registered SPANet ({shape})"
+  family = "SPANetV2" if arch.family == "spanetv2" else "SPANet"
+  return f"{name} ({arch.describe()})" if name else f"no registered {family} ({arch.describe()})"
+
+
+def family_key_map(arch, res_scale_stages) -> list[Entry]:
+  """The key table of the architecture's family."""
+  if arch.family == "spanetv2":
+    from spanet_jax import convert_v2  # pylint: disable=g-import-not-at-top
+    return convert_v2.key_map(arch, res_scale_stages)
+  return key_map(arch, res_scale_stages)
+
+
+def architecture_of(model):
+  """The Architecture a Flax model of either family has."""
+  if hasattr(model, "token_mixers"):
+    from spanet_jax import convert_v2  # pylint: disable=g-import-not-at-top
+    return convert_v2.ArchitectureV2.of_model(model)
+  return Architecture.of_model(model)
 
 
 def _list(keys, limit: int = 8) -> str:
@@ -237,12 +286,15 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], model_name: str | None =
     if model_name is None:
       raise ConversionError(f"cannot tell the model: the file is {describe(arch)}; "
                             f"known: {', '.join(registry.list_models())}")
+  family = registry.model_info(model_name).family
+  if family != arch.family:
+    raise ConversionError(f"the file does not fit {model_name}: it is {describe(arch)}")
   overrides = arch.overrides()
-  if learnable_masks:
+  if learnable_masks and family == "spanet":  # SPANetV2's masks are always learned
     overrides["learnable_masks"] = True
   model = registry.create_model(model_name, **overrides)
-  expected = dataclasses.replace(arch, layers=tuple(model.layers), dims=tuple(model.dims))
-  entries = key_map(expected, tuple(model.res_scale_stages))
+  # The key table of the model asked for; the file's own shape only names what it is.
+  entries = family_key_map(architecture_of(model), tuple(model.res_scale_stages))
   expected_keys = {e.torch_key for e in entries}
   missing = [e.torch_key for e in entries if e.torch_key not in state_dict]
   unexpected = [k for k in state_dict if k not in expected_keys]
@@ -270,11 +322,13 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], model_name: str | None =
       else:
         _check_mask(entry, array[0], size, model.radii[entry.stage])
       continue
-    want = _torch_shape(tuple(_get(wanted, entry.flax_path).shape), entry.kind)
+    flax_shape = tuple(_get(wanted, entry.flax_path).shape)
+    want = _torch_shape(flax_shape, entry.kind)
     if tuple(array.shape) != want:
       bad_shapes.append(f"{entry.torch_key} {tuple(array.shape)} (expected {want})")
       continue
-    _set(params, entry.flax_path, np.ascontiguousarray(_to_flax(array, entry.kind)))
+    _set(params, entry.flax_path,
+         np.ascontiguousarray(_to_flax(array, entry.kind, flax_shape)))
   if bad_shapes:
     raise ConversionError(f"the file does not fit {model_name}: wrong shapes for "
                           f"{_list(bad_shapes)}. The file looks like {describe(arch)}.")
@@ -307,10 +361,9 @@ def flax_to_torch(params: Mapping, model_name: str, overrides: Mapping[str, Any]
                   ) -> dict[str, np.ndarray]:
   """Flax params -> an official-layout state_dict (numpy arrays, official key order)."""
   model = registry.create_model(model_name, **overrides)
-  arch = Architecture(tuple(model.layers), tuple(model.dims), model.num_classes,
-                      model.features_only, tuple(model.mask_sizes))
+  arch = architecture_of(model)
   state_dict = {}
-  for entry in key_map(arch, tuple(model.res_scale_stages)):
+  for entry in family_key_map(arch, tuple(model.res_scale_stages)):
     if entry.kind != MASK:
       array = np.asarray(_get(params, entry.flax_path), np.float32)
       state_dict[entry.torch_key] = np.ascontiguousarray(_to_torch(array, entry.kind))

@@ -58,6 +58,9 @@ class StridedConv(nn.Module):
   strides: int = 1
   padding: int = 0
   impl: str = "auto"  # "conv", "im2col" or "auto"
+  # None: PyTorch's default Conv2d init (SPANet); SPANetV2 uses truncated normal / zeros.
+  kernel_init: Initializer | None = None
+  bias_init: Initializer | None = None
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -65,9 +68,9 @@ class StridedConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kh, kw = self.kernel_size
     in_features = x.shape[-1]
-    kernel = self.param("kernel", torch_default_kernel_init,
+    kernel = self.param("kernel", self.kernel_init or torch_default_kernel_init,
                         (kh, kw, in_features, self.features), self.param_dtype)
-    bias = self.param("bias", torch_default_bias_init(kh * kw * in_features),
+    bias = self.param("bias", self.bias_init or torch_default_bias_init(kh * kw * in_features),
                       (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     pad, stride = self.padding, self.strides
@@ -127,6 +130,10 @@ class DepthwiseConv(nn.Module):
   """
   kernel_size: tuple[int, int]
   impl: str = "auto"  # "conv", "shift" or "auto" (shift on CPU, conv elsewhere)
+  use_bias: bool = True
+  # None: PyTorch's default Conv2d init (SPANet); SPANetV2 uses truncated normal / zeros.
+  kernel_init: Initializer | None = None
+  bias_init: Initializer | None = None
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -134,9 +141,10 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     kh, kw = self.kernel_size
-    kernel = self.param("kernel", torch_default_kernel_init, (kh, kw, 1, channels),
-                        self.param_dtype)
-    bias = self.param("bias", torch_default_bias_init(kh * kw), (channels,), self.param_dtype)
+    kernel = self.param("kernel", self.kernel_init or torch_default_kernel_init,
+                        (kh, kw, 1, channels), self.param_dtype)
+    bias = (self.param("bias", self.bias_init or torch_default_bias_init(kh * kw), (channels,),
+                       self.param_dtype) if self.use_bias else jnp.zeros((), self.param_dtype))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     impl = self.impl
     if impl == "auto":
@@ -155,7 +163,7 @@ class DepthwiseConv(nn.Module):
           y = term if y is None else y + term
     else:
       raise ValueError(f"unknown depthwise convolution impl {self.impl!r}")
-    return y + bias
+    return y + bias if self.use_bias else y
 
 
 class DropPath(nn.Module):

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from flax import linen as nn
 
-from spanet_jax import spanet
+from spanet_jax import spanet, spanetv2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,10 +29,12 @@ class ModelInfo:
   paper_params_m: float | None = None
   paper_macs_g: float | None = None
   train_drop_path: float | None = None  # the official recipe's stochastic depth rate
+  train_head_dropout: float | None = None  # SPANetV2's MLP-head dropout in training
   release_file: str | None = None
 
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {"spanet": spanet.SPANet}
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {"spanet": spanet.SPANet,
+                                                  "spanetv2": spanetv2.SPANetV2}
 _MODELS: dict[str, ModelInfo] = {}
 
 
@@ -57,6 +59,29 @@ _spanet("spanet_mx", (8, 8, 24, 8), _SMALL_DIMS, 83.8, 54.9, 9.0, 0.9, None,
 _spanet("spanet_b", (6, 6, 18, 6), _BASE_DIMS, 84.0, 75.9, 12.0, 0.95, 0.3, "spanet-base.pth")
 _spanet("spanet_bx", (8, 8, 24, 8), _BASE_DIMS, 84.4, 99.8, 15.8, 0.95, None,
         "spanet-baseX.pth")
+
+
+_V2_LAYERS = {"s18": (3, 3, 9, 3), "s36": (3, 12, 18, 3), "m36": (3, 12, 18, 3),
+              "b36": (3, 12, 18, 3)}
+_V2_DIMS = {"s18": _SMALL_DIMS, "s36": _SMALL_DIMS, "m36": (96, 192, 384, 576),
+            "b36": (128, 256, 512, 768)}
+_V2_MIXERS = {"pure": ("exspam",) * 4,
+              "hybrid": ("exspam", "exspam", "mixattention", "attention")}
+# (top-1, params M, MACs G, drop path, head dropout) from the paper and the official
+# training scripts.
+_V2_FACTS = {
+    ("s18", "pure"): (83.4, 29, 4.2, 0.2, 0.0), ("s18", "hybrid"): (83.9, 27, 4.2, 0.15, 0.0),
+    ("s36", "pure"): (84.4, 44, 8.1, 0.3, 0.0), ("s36", "hybrid"): (84.7, 41, 8.1, 0.3, 0.4),
+    ("m36", "pure"): (84.9, 61, 13.7, 0.4, 0.0), ("m36", "hybrid"): (85.3, 58, 13.6, 0.4, 0.4),
+    ("b36", "pure"): (85.0, 100, 24.3, 0.6, 0.0), ("b36", "hybrid"): (85.6, 100, 23.9, 0.6, 0.5),
+}
+for (_size, _kind), (_top1, _params, _macs, _drop_path, _head_drop) in _V2_FACTS.items():
+  register(ModelInfo(
+      name=f"spanetv2_{_size}_{_kind}", family="spanetv2",
+      architecture=dict(layers=_V2_LAYERS[_size], dims=_V2_DIMS[_size],
+                        token_mixers=_V2_MIXERS[_kind]),
+      crop_pct=1.0, paper_top1=_top1, paper_params_m=_params, paper_macs_g=_macs,
+      train_drop_path=_drop_path, train_head_dropout=_head_drop))
 
 
 def list_models() -> list[str]:

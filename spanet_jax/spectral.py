@@ -213,3 +213,45 @@ def dft_spectral_filter(x: jax.Array, mask_half: jax.Array) -> jax.Array:
   re, im = (mm("uh,bukc->bhkc", cos_h, re) - mm("uh,bukc->bhkc", sin_h, im),
             mm("uh,bukc->bhkc", cos_h, im) + mm("uh,bukc->bhkc", sin_h, re))
   return mm("bhkc,kw->bhwc", re, icos_w) - mm("bhkc,kw->bhwc", im, isin_w)
+
+
+# ---------------------------------------------------------------------------------------
+# Resizing learned spectral filters (SPANetV2).
+
+_TORCH_CUBIC_A = -0.75  # PyTorch's bicubic kernel coefficient (PIL and TF use -0.5)
+
+
+@functools.lru_cache(maxsize=None)
+def bicubic_align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) interpolation matrix of PyTorch's bicubic resize with align_corners=True.
+
+  Output i samples the input at i * (in - 1) / (out - 1) with the cubic convolution
+  kernel (a = -0.75) over four neighbours, clamped at the borders. The source positions
+  and weights are computed in float32, as PyTorch computes them for float32 tensors.
+  """
+  scale = np.float32((in_size - 1) / (out_size - 1)) if out_size > 1 else np.float32(0)
+  a = np.float32(_TORCH_CUBIC_A)
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
+  matrix = np.zeros((out_size, in_size), np.float32)
+  for i in range(out_size):
+    source = scale * np.float32(i)
+    base = int(np.floor(source))
+    t = np.float32(source - np.float32(base))
+    weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
+    for offset, weight in zip((-1, 0, 1, 2), weights):
+      matrix[i, min(max(base + offset, 0), in_size - 1)] += weight
+  return matrix
+
+
+def resize_bicubic_align_corners(x: jax.Array, height: int, width: int) -> jax.Array:
+  """Resize the last two axes of x like F.interpolate(mode="bicubic", align_corners=True).
+
+  jax.image.resize has no align_corners mode; this is the same separable kernel written
+  as two matrix products.
+  """
+  rows = jnp.asarray(bicubic_align_corners_matrix(x.shape[-2], height))
+  cols = jnp.asarray(bicubic_align_corners_matrix(x.shape[-1], width))
+  hi = jax.lax.Precision.HIGHEST
+  x = jnp.einsum("oh,...hw->...ow", rows, x.astype(jnp.float32), precision=hi)
+  return jnp.einsum("...hw,pw->...hp", x, cols, precision=hi)

@@ -39,13 +39,19 @@ def reference_model(model, state_dict: Mapping[str, np.ndarray]):
   """The PyTorch reference with the Flax model's architecture, loaded strictly."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  from spanet_jax import torch_reference  # pylint: disable=g-import-not-at-top
+  from spanet_jax import torch_reference, torch_reference_v2  # pylint: disable=g-import-not-at-top
 
-  reference = torch_reference.SPANet(
-      layers=model.layers, dims=model.dims, radii=model.radii, mask_sizes=model.mask_sizes,
-      res_scale_stages=model.res_scale_stages, mlp_ratio=model.mlp_ratio,
-      kernel_size=model.kernel_size, num_classes=model.num_classes,
-      fork_feat=model.features_only)
+  if hasattr(model, "token_mixers"):  # SPANetV2
+    reference = torch_reference_v2.SPANetV2(
+        layers=model.layers, dims=model.dims, token_mixers=model.token_mixers,
+        filter_sizes=model.filter_sizes, res_scale_stages=model.res_scale_stages,
+        mlp_ratio=model.mlp_ratio, num_classes=model.num_classes)
+  else:
+    reference = torch_reference.SPANet(
+        layers=model.layers, dims=model.dims, radii=model.radii, mask_sizes=model.mask_sizes,
+        res_scale_stages=model.res_scale_stages, mlp_ratio=model.mlp_ratio,
+        kernel_size=model.kernel_size, num_classes=model.num_classes,
+        fork_feat=model.features_only)
   reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
                             strict=True)
   return reference.eval()

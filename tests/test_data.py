@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from configs import default
-from spanet_jax import data
+from spanet_jax import data, preprocess
 
 
 def erase(image, seed, probability):
@@ -37,20 +37,39 @@ def test_random_erasing_probability_and_determinism():
 def test_eval_batches_count_every_example_once_over_processes(tmp_path):
   config = default.get_config()
   config.dataset, config.data_dir = "sklearn_digits", str(tmp_path)
-  config.image_size, config.prefetch = 32, 1
   builder = data.make_builder(config)
   source = data.make_source(builder, "test")  # 360 examples
+  data_config = preprocess.DataConfig(32, 1.0, (0.5,) * 3, (0.5,) * 3)
   seen = []
   counts = []
   for process in range(3):
-    batches = list(data.eval_batches(source, config, 50, 1.0, (0.5,) * 3, (0.5,) * 3,
-                                     process, 3))
+    batches = list(data.eval_batches(source, data_config, 50, process, 3, prefetch=1))
     counts.append(len(batches))
-    for batch in batches:
+    for batch, names in batches:
       assert batch["image"].shape == (50, 32, 32, 3)
-      seen.append(int(batch["mask"].sum()))
+      assert int(batch["mask"].sum()) == len(names)
+      assert (batch["mask"][:len(names)] == 1).all()  # real rows first, padding after
+      seen += names
   assert len(set(counts)) == 1  # every process runs the same number of eval steps
-  assert sum(seen) == 360
+  assert len(seen) == len(set(seen)) == 360
+
+
+def test_eval_images_are_prepared_as_timm_prepares_them(tmp_path):
+  """Decoded and resized by PIL: the same array as the eval transform of the same file."""
+  from PIL import Image
+  root = tmp_path / "val"
+  photos = preprocess.sample_photo_paths()[:3]
+  for index, path in enumerate(photos):
+    (root / f"class{index}").mkdir(parents=True)
+    Image.open(path).save(root / f"class{index}" / "photo.png")
+  source = data.folder_source(str(root), {"class0": 0, "class1": 1, "class2": 2})
+  data_config = preprocess.DataConfig(64, 0.875, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+  (batch, names), = list(data.eval_batches(source, data_config, 4, 0, 1, prefetch=1))
+  assert [int(label) for label in batch["label"][:3]] == [0, 1, 2]
+  for row, name in enumerate(names):
+    expected = data_config.transform(preprocess.load_image(name))
+    np.testing.assert_array_equal(batch["image"][row], expected)
+  assert batch["mask"].tolist() == [1, 1, 1, 0]
 
 
 def test_missing_dataset_says_what_to_do(tmp_path):

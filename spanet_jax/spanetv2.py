@@ -1,0 +1,316 @@
+"""SPANetV2 (IEEE TPAMI 2026) in Flax, NHWC. Architecture facts: shared/SPEC.md section 2.
+
+Its token mixer, ExSPAM, filters four channel groups in the frequency domain with
+learned sigmoid masks; the hybrid variants use self-attention in the last two stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from spanet_jax import layers, spectral
+
+Dtype = Any
+TOKEN_MIXERS = ("exspam", "mixattention", "attention")
+SPECTRAL_IMPLS = ("auto", "fft", "dft")  # the masks are learned: no low-rank form
+
+# SPANetV2 initialises every Linear and Conv2d weight with trunc_normal(0.02), biases 0.
+_weight_init = layers.trunc_normal_init
+_bias_init = nn.initializers.zeros
+
+
+def _dense(features: int, use_bias: bool, dtype, param_dtype, name: str) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, kernel_init=_weight_init, bias_init=_bias_init,
+                  dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def _layer_norm(use_bias: bool, epsilon: float, dtype, param_dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=epsilon, use_bias=use_bias, use_fast_variance=False,
+                      dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class StarReLU(nn.Module):
+  """s * relu(x)^2 + b with learnable scalars s (init 1) and b (init 0)."""
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.ones, (1,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (1,), self.param_dtype)
+    return scale.astype(x.dtype) * jnp.square(jax.nn.relu(x)) + bias.astype(x.dtype)
+
+
+class ExSPAM(nn.Module):
+  """Expanded SPAM: q = GELU(query(x)); four groups of ctx(x), each a depthwise conv
+  (kernel 3, 5, 7, 9) then an rfft2 filter by its learned sigmoid mask; the groups
+  interleaved on channels, mixed by a grouped 1x1 conv, norm, GELU and 1x1 conv;
+  the result modulates q."""
+  filter_size: tuple[int, int]  # the feature size the learned masks are stored at
+  num_groups: int = 4
+  expand_ratio: int = 2
+  spectral_impl: str = "auto"
+  depthwise_impl: str = "auto"
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  def _spectral_impl(self) -> str:
+    if self.spectral_impl not in SPECTRAL_IMPLS:
+      raise ValueError(f"unknown spectral_impl {self.spectral_impl!r} for SPANetV2; choose "
+                       f"from {', '.join(SPECTRAL_IMPLS)}")
+    if self.spectral_impl == "auto":
+      return "fft" if jax.default_backend() == "cpu" else "dft"
+    return self.spectral_impl
+
+  def _half_masks(self, group: int, height: int, width: int) -> jax.Array:
+    """sigmoid(filter_i) of every group at this feature size, as (H, W // 2 + 1, C)."""
+    stored_h, stored_w = self.filter_size
+    masks = []
+    for i in range(self.num_groups):
+      init = lambda key, shape: 0.02 * jax.random.normal(key, shape, self.param_dtype)
+      weight = self.param(f"filter_{i + 1}", init, (group, stored_h, stored_w // 2 + 1))
+      weight = weight.astype(jnp.float32)
+      if weight.shape[1:] != (height, width // 2 + 1):
+        weight = spectral.resize_bicubic_align_corners(weight, height, width // 2 + 1)
+      masks.append(jax.nn.sigmoid(weight))
+    return jnp.moveaxis(jnp.concatenate(masks, axis=0), 0, -1)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, height, width, channels = x.shape
+    if channels % self.num_groups:
+      raise ValueError(f"ExSPAM needs channels divisible by {self.num_groups}, got {channels}")
+    group = channels // self.num_groups
+    dense = lambda features, name: _dense(features, False, self.dtype, self.param_dtype, name)
+    q = layers.gelu(dense(channels, "query")(x))
+    ctx = dense(channels, "ctx")(x)
+    convolved = [
+        layers.DepthwiseConv((3 + 2 * i,) * 2, impl=self.depthwise_impl,
+                             kernel_init=_weight_init, bias_init=_bias_init, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name=f"local_conv_{i + 1}")(
+                                 ctx[..., i * group:(i + 1) * group])
+        for i in range(self.num_groups)]
+    # All groups in one transform: each channel has its own mask.
+    masks = self._half_masks(group, height, width)
+    stacked = jnp.concatenate(convolved, axis=-1)
+    if self._spectral_impl() == "dft":
+      filtered = spectral.dft_spectral_filter(stacked, masks)
+    else:
+      filtered = spectral.spectral_filter(stacked, masks)
+    filtered = filtered.astype(q.dtype)
+    # The official code interleaves the groups (channel g * 4 + i holds channel g of group
+    # i) and then convolves with one group per g. Grouping by g directly is the same
+    # product without the transpose: (..., 4, G) against kernels (G, 4, expand * 4).
+    per_group_out = self.expand_ratio * self.num_groups
+    kernel = self.param("proj_0", _weight_init, (group, self.num_groups, per_group_out),
+                        self.param_dtype)
+    filtered, kernel = nn.dtypes.promote_dtype(filtered, kernel, dtype=self.dtype)
+    mixed = jnp.einsum("bhwig,gio->bhwgo",
+                       filtered.reshape(batch, height, width, self.num_groups, group), kernel)
+    mixed = mixed.reshape(batch, height, width, channels * self.expand_ratio)
+    mixed = layers.group_norm("proj_1", self.dtype, self.param_dtype)(mixed)
+    mixed = dense(channels, "proj_3")(layers.gelu(mixed))
+    return dense(channels, "proj_out")(q * mixed)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention over all H x W tokens, head dim 32, no biases.
+  `mix=True` is MixAttention: a depthwise 7x7 conv of v is added before the projection."""
+  head_dim: int = 32
+  mix: bool = False
+  depthwise_impl: str = "auto"
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, height, width, channels = x.shape
+    heads = max(channels // self.head_dim, 1)
+    inner = heads * self.head_dim
+    dense = lambda features, name: _dense(features, False, self.dtype, self.param_dtype, name)
+    qkv = dense(3 * inner, "qkv")(x).reshape(batch, height * width, 3, heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (self.head_dim ** -0.5)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, height, width, inner)
+    if self.mix:
+      if inner != channels:
+        raise ValueError(f"MixAttention needs channels divisible by {self.head_dim}")
+      out = out + layers.DepthwiseConv(
+          (7, 7), impl=self.depthwise_impl, use_bias=False, kernel_init=_weight_init,
+          dtype=self.dtype, param_dtype=self.param_dtype, name="local_conv")(
+              v.reshape(batch, height, width, channels))
+    return dense(channels, "proj")(out)
+
+
+class Mlp(nn.Module):
+  """Linear C -> hidden (no bias), StarReLU, dropout, Linear hidden -> C (no bias), dropout."""
+  hidden_features: int
+  dropout_rate: float = 0.0
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    channels = x.shape[-1]
+    x = _dense(self.hidden_features, False, self.dtype, self.param_dtype, "fc1")(x)
+    x = StarReLU(self.param_dtype, name="act")(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    x = _dense(channels, False, self.dtype, self.param_dtype, "fc2")(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
+
+class MlpHead(nn.Module):
+  """Linear C -> 4C, squared ReLU, LayerNorm, dropout, Linear 4C -> classes."""
+  num_classes: int
+  mlp_ratio: float = 4.0
+  dropout_rate: float = 0.0
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    hidden = int(self.mlp_ratio * x.shape[-1])
+    x = _dense(hidden, True, self.dtype, self.param_dtype, "fc1")(x)
+    x = jnp.square(jax.nn.relu(x))
+    x = _layer_norm(True, 1e-5, self.dtype, self.param_dtype, "norm")(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    return _dense(self.num_classes, True, self.dtype, self.param_dtype, "fc2")(x)
+
+
+class Downsampling(nn.Module):
+  """Stage 0: conv 7x7 s4 p2 then LayerNorm; later stages: LayerNorm then conv 3x3 s2 p1.
+  The norms are LayerNorm over C without bias, eps 1e-6."""
+  features: int
+  stem: bool
+  conv_impl: str = "auto"
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    norm = lambda name: _layer_norm(False, 1e-6, self.dtype, self.param_dtype, name)
+    kernel, stride, pad = (7, 4, 2) if self.stem else (3, 2, 1)
+    conv = layers.StridedConv(self.features, (kernel, kernel), stride, pad, impl=self.conv_impl,
+                              kernel_init=_weight_init, bias_init=_bias_init, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="conv")
+    if self.stem:
+      return norm("post_norm")(conv(x))
+    return conv(norm("pre_norm")(x))
+
+
+class SPANetV2Block(nn.Module):
+  """x = rs1(x) + drop_path(mixer(norm1(x))); x = rs2(x) + drop_path(MLP(norm2(x)))."""
+  token_mixer: str
+  filter_size: tuple[int, int]
+  mlp_ratio: float = 4.0
+  drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  res_scale: bool = False
+  spectral_impl: str = "auto"
+  depthwise_impl: str = "auto"
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    channels = x.shape[-1]
+    norm = lambda name: _layer_norm(False, 1e-6, self.dtype, self.param_dtype, name)
+    residual = lambda name: (layers.ResScale(self.param_dtype, name=name)
+                             if self.res_scale else (lambda y: y))
+    drop_path = layers.DropPath(self.drop_path_rate)
+    if self.token_mixer == "exspam":
+      mixer = ExSPAM(self.filter_size, spectral_impl=self.spectral_impl,
+                     depthwise_impl=self.depthwise_impl, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="token_mixer")
+    elif self.token_mixer in ("attention", "mixattention"):
+      mixer = Attention(mix=self.token_mixer == "mixattention",
+                        depthwise_impl=self.depthwise_impl, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="token_mixer")
+    else:
+      raise ValueError(f"unknown token mixer {self.token_mixer!r}; choose from "
+                       f"{', '.join(TOKEN_MIXERS)}")
+    x = residual("res_scale1")(x) + drop_path(mixer(norm("norm1")(x)), train)
+    mlp = Mlp(int(channels * self.mlp_ratio), self.drop_rate, self.dtype, self.param_dtype,
+              name="mlp")
+    return residual("res_scale2")(x) + drop_path(mlp(norm("norm2")(x), train), train)
+
+
+class SPANetV2Backbone(nn.Module):
+  """Four stages, each a downsampling layer and its blocks; returns every stage output."""
+  layers: Sequence[int]
+  dims: Sequence[int]
+  token_mixers: Sequence[str]
+  filter_sizes: Sequence[int]
+  res_scale_stages: Sequence[bool]
+  mlp_ratio: float = 4.0
+  drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  spectral_impl: str = "auto"
+  depthwise_impl: str = "auto"
+  conv_impl: str = "auto"
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+    total = sum(self.layers)
+    index = 0
+    outputs = []
+    for i, (depth, dim) in enumerate(zip(self.layers, self.dims)):
+      x = Downsampling(dim, stem=i == 0, conv_impl=self.conv_impl, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name=f"downsample{i}")(x)
+      for j in range(depth):
+        x = SPANetV2Block(
+            token_mixer=self.token_mixers[i], filter_size=(self.filter_sizes[i],) * 2,
+            mlp_ratio=self.mlp_ratio, drop_rate=self.drop_rate,
+            drop_path_rate=self.drop_path_rate * index / max(total - 1, 1),
+            res_scale=self.res_scale_stages[i], spectral_impl=self.spectral_impl,
+            depthwise_impl=self.depthwise_impl, dtype=self.dtype,
+            param_dtype=self.param_dtype, name=f"stage{i}_block{j}")(x, train)
+        index += 1
+      outputs.append(x)
+    return tuple(outputs)
+
+
+class SPANetV2(nn.Module):
+  """SPANetV2 classifier. `model.apply(variables, images, train=False)` maps NHWC float
+  images to logits; `method="stage_features"` gives the four stage outputs."""
+  layers: Sequence[int] = (3, 3, 9, 3)
+  dims: Sequence[int] = (64, 128, 320, 512)
+  token_mixers: Sequence[str] = ("exspam",) * 4
+  # Feature sizes of the four stages at the 224 training resolution: the learned masks'.
+  filter_sizes: Sequence[int] = (56, 28, 14, 7)
+  res_scale_stages: Sequence[bool] = (False, False, True, True)
+  mlp_ratio: float = 4.0
+  num_classes: int = 1000
+  drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  head_dropout: float = 0.0
+  spectral_impl: str = "auto"
+  depthwise_impl: str = "auto"
+  conv_impl: str = "auto"
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    backbone_fields = [f.name for f in dataclasses.fields(SPANetV2Backbone)
+                       if f.name not in ("parent", "name")]
+    self.backbone = SPANetV2Backbone(**{f: getattr(self, f) for f in backbone_fields})
+    self.norm = _layer_norm(True, 1e-6, self.dtype, self.param_dtype, None)
+    if self.num_classes > 0:
+      self.head = MlpHead(self.num_classes, self.mlp_ratio, self.head_dropout, self.dtype,
+                          self.param_dtype)
+
+  def stage_features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+    """The four stage outputs (B, H/4, W/4, C0) ... (B, H/32, W/32, C3)."""
+    return self.backbone(x, train)
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = self.backbone(x, train)[-1]
+    x = self.norm(jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype))
+    return self.head(x, train) if self.num_classes > 0 else x
