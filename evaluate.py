@@ -105,6 +105,7 @@ def evaluate(args) -> int:
     if path:
       cli.check_writable(path)
   loaded = inference.load(args.checkpoint)
+  inference.require_classifier(loaded)
   source = make_source(args, loaded)
   partitioning = trainer.Partitioning.create(devices=jax.local_devices())
   params = jax.device_put(loaded.variables["params"], partitioning.replicated)

@@ -46,6 +46,7 @@ def predict(args) -> int:
   for path in args.images:  # fail on a bad file before loading the model
     preprocess.load_image(path)
   loaded = inference.load(args.checkpoint)
+  inference.require_classifier(loaded)
   logits_fn = inference.predict_fn(loaded)
   print(f"{loaded.name} from {loaded.path}: {loaded.num_classes} classes, "
         f"{loaded.data.input_size}px, crop_pct {loaded.data.crop_pct}", file=sys.stderr)

@@ -70,6 +70,24 @@ def validate(config, num_devices: int) -> None:
       raise ConfigError(f"config.randaugment: {err}") from None
   if config.ema_decay >= 1:
     raise ConfigError(f"config.ema_decay={config.ema_decay} must be below 1")
+  if config.optimizer not in ("adamw", "lamb"):
+    raise ConfigError(f"config.optimizer={config.optimizer!r}: use adamw or lamb")
+  if not 0 <= config.head_dropout < 1:
+    raise ConfigError(f"config.head_dropout={config.head_dropout} must be in [0, 1)")
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from spanet_jax import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    model = spanet_jax.create_model(config.model, **trainer.model_options(config))
+  except ValueError as err:
+    raise ConfigError(str(err)) from None
+  try:  # shapes only: nothing is computed
+    jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                   jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), "float32"))
+  except ValueError as err:
+    raise ConfigError(f"config.model={config.model} with config.model_overrides="
+                      f"{config.model_overrides.to_dict()} cannot be built: "
+                      f"{str(err).splitlines()[0]}") from None
 
 
 class MetricWriter:
@@ -171,10 +189,8 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
 
   # Model, optimizer, state: every sharding comes from `partitioning`.
   partitioning = trainer.Partitioning.create(config.mesh_model)
-  model = spanet_jax.create_model(
-      config.model, num_classes=config.num_classes, drop_path_rate=config.drop_path_rate,
-      learnable_masks=config.learnable_masks, dtype=jnp.dtype(config.dtype),
-      **config.model_overrides.to_dict())
+  options = trainer.model_options(config)
+  model = spanet_jax.create_model(config.model, dtype=jnp.dtype(config.dtype), **options)
   schedule = trainer.learning_rate_schedule(config, updates_per_epoch)
   optimizer = trainer.make_optimizer(config, schedule)
   size = config.image_size
@@ -301,10 +317,9 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   final = os.path.join(workdir, "final")
   params = state.ema_params if state.ema_params is not None else state.params
   params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
-  checkpoint.save_pretrained(final, config.model, params,
-                             {"num_classes": config.num_classes,
-                              **config.model_overrides.to_dict(),
-                              "learnable_masks": config.learnable_masks},
+  saved_options = {k: v for k, v in options.items()
+                   if k not in ("drop_path_rate", "head_dropout")}  # training-only
+  checkpoint.save_pretrained(final, config.model, params, saved_options,
                              extra={"source": "train.py", "step": step,
                                     "data": dataclasses.asdict(eval_data),
                                     "class_names": names}, overwrite=True)

@@ -13,7 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = "spanet_s"
   config.model_overrides = ml_collections.ConfigDict()
   config.drop_path_rate = 0.1
-  config.learnable_masks = False
+  config.learnable_masks = False  # SPANet only; SPANetV2's masks are always learned
+  config.head_dropout = 0.0  # SPANetV2's MLP head only
   config.dtype = "float32"  # or "bfloat16": compute dtype; parameters stay float32
   config.init_from = ""  # a converted or trained checkpoint directory to start from
 
@@ -41,7 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.mixup_switch_prob = 0.5
   config.label_smoothing = 0.1
 
-  # Optimisation: AdamW, lr scaled linearly with the global batch (lr * batch / 1024).
+  # Optimisation: AdamW (or LAMB), lr scaled linearly with the global batch
+  # (lr * batch_size / lr_base_batch).
+  config.optimizer = "adamw"  # or "lamb"
   config.batch_size = 1024  # global, over all devices and hosts
   config.num_epochs = 300
   config.warmup_epochs = 5

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spanet_jax import checkpoint, labels, preprocess, registry
+from spanet_jax import checkpoint, labels, preprocess, registry, trainer
 from spanet_jax.checkpoint import CheckpointError
 from spanet_jax.preprocess import DataConfig
 
@@ -119,8 +119,9 @@ def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
       config = json.load(f)
     name = config["model"]
     registry.model_info(name)
-    options = {**config.get("model_overrides", {}), "num_classes": config["num_classes"],
-               "learnable_masks": config.get("learnable_masks", False)}
+    options = trainer.model_options({"head_dropout": 0.0, **config})
+    for training_only in ("drop_path_rate", "head_dropout"):
+      options.pop(training_only, None)
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
     raise CheckpointError(f"{workdir}/config.json is not a train.py config: {err}") from None
   best = os.path.join(workdir, "best")
@@ -146,8 +147,16 @@ def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
 
 
 def _num_classes(variables, model) -> int:
-  head = variables["params"].get("head")
-  return int(head["bias"].shape[0]) if head is not None else int(model.num_classes)
+  """Classes of the head (checked against the weights by _check_params); 0 for a
+  dense-prediction backbone, which has none."""
+  del variables
+  return 0 if getattr(model, "features_only", False) else int(model.num_classes)
+
+
+def require_classifier(loaded: LoadedModel) -> None:
+  if loaded.num_classes == 0:
+    raise CheckpointError(f"{loaded.path} is a backbone without a classifier head "
+                          f"({loaded.name}, features_only); predict and evaluate need one")
 
 
 def _check_params(path: str, model, variables, options: dict) -> None:

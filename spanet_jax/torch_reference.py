@@ -191,13 +191,17 @@ class SPANet(nn.Module):
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
   """Give every parameter random, non-trivial values (norm weights far from 1, biases and
-  res scales away from their init) so that a layout mistake changes the output."""
+  res scales away from their init, learned masks far from 0) so that a layout mistake
+  changes the output. Works on SPANet and SPANetV2 references alike."""
   generator = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, param in model.named_parameters():
       if not param.requires_grad:
         continue  # the spectral masks stay the formula's
-      if name.endswith("scale") or (param.ndim == 1 and "norm" in name and name.endswith("weight")):
+      if ".filter_" in name:  # SPANetV2's learned masks: spread them across the sigmoid
+        param.copy_(torch.randn(param.shape, generator=generator))
+      elif name.endswith("scale") or (param.ndim == 1 and "norm" in name
+                                      and name.endswith("weight")):
         param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
       elif param.ndim == 1:
         param.copy_(0.1 * torch.randn(param.shape, generator=generator))

@@ -87,12 +87,38 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def model_options(config) -> dict[str, Any]:
+  """The create_model options a training config asks for (without dtype): what builds
+  the model in train.py and what its saved weights are described with."""
+  from spanet_jax import registry  # pylint: disable=g-import-not-at-top
+
+  overrides = config["model_overrides"]
+  overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+  options = {"num_classes": config["num_classes"], "drop_path_rate": config["drop_path_rate"],
+             **overrides}
+  family = registry.model_info(config["model"]).family
+  if family == "spanet":
+    options["learnable_masks"] = bool(config["learnable_masks"])
+  elif config["learnable_masks"]:
+    raise ValueError(f"config.learnable_masks: {config['model']}'s masks are always learned; "
+                     "leave it False")
+  if family == "spanetv2":
+    options["head_dropout"] = config.get("head_dropout", 0.0)
+  elif config.get("head_dropout", 0.0):
+    raise ValueError(f"config.head_dropout: {config['model']} has no MLP head (SPANetV2 only)")
+  return options
+
+
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
   parts = []
   if config.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip))
-  parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                           weight_decay=config.weight_decay, mask=decay_mask))
+  if config.optimizer == "lamb":  # SPANetV2's hybrids were trained with LAMB
+    parts.append(optax.lamb(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                            weight_decay=config.weight_decay, mask=decay_mask))
+  else:
+    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                             weight_decay=config.weight_decay, mask=decay_mask))
   optimizer = optax.chain(*parts)
   if config.grad_accum_steps > 1:
     optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.grad_accum_steps)

@@ -18,6 +18,23 @@ TINY = "spanet_tiny_test"
 registry.register(registry.ModelInfo(name=TINY, family="spanet", architecture=TINY_ARCH))
 
 
+# SPANetV2: widths divisible by 4 (ExSPAM groups) and, for attention, by 32; stage 0
+# groups of 2 channels; two heads in the last stage.
+TINY_V2_ARCH = dict(layers=(1, 1, 2, 1), dims=(8, 16, 32, 64))
+TINY_V2 = {"pure": "spanetv2_tiny_pure_test", "hybrid": "spanetv2_tiny_hybrid_test"}
+for _kind, _mixers in (("pure", ("exspam",) * 4),
+                       ("hybrid", ("exspam", "exspam", "mixattention", "attention"))):
+  registry.register(registry.ModelInfo(name=TINY_V2[_kind], family="spanetv2", crop_pct=1.0,
+                                       architecture=dict(TINY_V2_ARCH, token_mixers=_mixers)))
+
+
+def tiny_v2_reference(kind: str = "hybrid", seed: int = 0):
+  """A randomised PyTorch SPANetV2 reference of a tiny architecture (eval mode)."""
+  from spanet_jax import torch_reference, torch_reference_v2
+  arch = registry.model_info(TINY_V2[kind]).architecture
+  return torch_reference.randomize_(torch_reference_v2.SPANetV2(**arch), seed).eval()
+
+
 def tiny_reference(seed: int = 0, **kwargs):
   """A randomised PyTorch reference of the tiny architecture (eval mode)."""
   from spanet_jax import torch_reference

@@ -138,6 +138,10 @@ def test_predict_gives_the_official_models_top5_with_imagenet_names(tmp_path, of
 
 def test_predict_bad_input_is_one_message_and_writes_nothing(tmp_path, official):
   pth, converted, _ = official
+  backbone = tmp_path / "backbone"  # a dense-prediction checkpoint: no classifier
+  model = spanet_jax.create_model(TINY, features_only=True)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  spanet_jax.save_pretrained(str(backbone), TINY, params, {"features_only": True})
   broken = tmp_path / "broken.jpg"
   broken.write_bytes(b"\xff\xd8 this is not a JPEG")
   photo = preprocess.sample_photo_paths()[0]
@@ -145,6 +149,7 @@ def test_predict_bad_input_is_one_message_and_writes_nothing(tmp_path, official)
   for args, message in [((broken, "--checkpoint", converted), "cannot decode.*broken.jpg"),
                         ((tmp_path / "nope.png", "--checkpoint", converted), "no such image"),
                         ((photo, "--checkpoint", pth), "PyTorch file"),
+                        ((photo, "--checkpoint", backbone), "without a classifier head"),
                         ((photo, "--checkpoint", converted, "--top-k", 0), "positive")]:
     code, _, stderr = run_main(predict.main, *args, "--json", out)
     assert code == 2 and stderr.count("\n") == 1, stderr

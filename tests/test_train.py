@@ -23,10 +23,10 @@ FAST = ["--config.model_overrides.dims=(8, 16, 24, 32)", "--config.num_epochs=2"
         "--config.eval_every_epochs=1"]
 
 
-def run_train(workdir, *extra, wait=True, data_dir=None):
+def run_train(workdir, *extra, wait=True, data_dir=None, fast=tuple(FAST)):
   env = {**os.environ, "PYTHONPATH": REPO}
   command = [sys.executable, "train.py", "--config", "configs/demo.py", "--workdir",
-             str(workdir), f"--config.data_dir={data_dir}", *FAST, *extra]
+             str(workdir), f"--config.data_dir={data_dir}", *fast, *extra]
   if not wait:
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -189,6 +189,10 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(tmp_path, data_dir):
     ("--config.folder=/nonexistent/imagenet", "no such folder: /nonexistent/imagenet"),
     ("--config.randaugment=rand-m9", "config.randaugment: randaugment spec 'rand-m9': only"),
     ("--config.random_erasing=1.5", "config.random_erasing=1.5 is a probability"),
+    ("--config.head_dropout=0.2", "config.head_dropout: spanet_s has no MLP head"),
+    ("--config.optimizer=sgd", "config.optimizer='sgd': use adamw or lamb"),
+    ("--config.model=spanetv2_s18_hybrid",  # demo widths (32, 48, 64, 96): 48 % 32 != 0
+     "cannot be built: MixAttention needs channels divisible by 32"),
 ])
 def test_bad_config_values_are_named(override, message, tmp_path, data_dir):
   result = run_train(tmp_path / "bad", override, data_dir=data_dir)
@@ -258,3 +262,28 @@ def test_class_per_folder_dataset(tmp_path, data_dir):
   assert "240 images" in result.stdout
   evals = [r for r in metrics(tmp_path / "folder_run") if "eval/top1" in r]
   assert len(evals) == 1
+
+
+def test_spanetv2_trains_and_its_weights_serve_the_tools(tmp_path, data_dir):
+  """A tiny SPANetV2 hybrid (ExSPAM, MixAttention, Attention) through train.py with LAMB
+  and head dropout; evaluate.py on its workdir reproduces the run's last evaluation."""
+  import evaluate
+  from conftest import run_main
+  workdir = tmp_path / "v2"
+  result = run_train(workdir, "--config.model=spanetv2_s18_hybrid",
+                     "--config.model_overrides.layers=(1, 1, 1, 1)",
+                     "--config.model_overrides.dims=(8, 16, 32, 64)", "--config.num_epochs=1",
+                     "--config.optimizer=lamb", "--config.head_dropout=0.1",
+                     "--config.drop_path_rate=0.1", data_dir=data_dir, fast=FAST[1:])
+  assert result.returncode == 0, result.stderr[-3000:]
+  last = [r for r in metrics(workdir) if "eval/top1" in r][-1]
+  output = tmp_path / "result.json"
+  code, _, stderr = run_main(evaluate.main, "--checkpoint", workdir, "--data",
+                             "sklearn_digits:test", "--data-dir", data_dir, "--output", output)
+  assert code == 0, stderr
+  result = json.loads(output.read_text())
+  assert result["model"] == "spanetv2_s18_hybrid" and result["num_images"] == 360
+  assert result["top1"] == pytest.approx(last["eval/top1"], abs=1 / 360)
+  refused = run_train(tmp_path / "bad", "--config.model=spanetv2_s18_pure",
+                      "--config.learnable_masks=True", data_dir=data_dir)
+  assert refused.returncode == 2 and "masks are always learned" in refused.stderr

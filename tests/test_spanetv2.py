@@ -1,0 +1,200 @@
+"""SPANetV2: the Flax models against the PyTorch reference, the converter, the pieces.
+
+Tolerance as for SPANet: relative L2 difference of logits (and stage features) at most
+2e-5 with identical top-1; float32 rounding gives about 1e-6.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convert_torch_weights
+import spanet_jax
+from spanet_jax import convert, registry, spectral, torch_reference, torch_reference_v2
+from spanet_jax.verify import REL_L2_TOLERANCE, compare_outputs
+from conftest import TINY_V2, run_main, state_dict_numpy, tiny_v2_reference
+
+V2_MODELS = [f"spanetv2_{size}_{kind}" for size in ("s18", "s36", "m36", "b36")
+             for kind in ("pure", "hybrid")]
+
+
+def converted(reference, model_name=None):
+  name, overrides, params = convert.torch_to_flax(state_dict_numpy(reference), model_name)
+  return spanet_jax.create_model(name, **overrides), {"params": params}
+
+
+def outputs(reference, model, variables, x_nhwc, method=None):
+  with torch.no_grad():
+    x = torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy())
+    expected = reference.stage_features(x) if method else reference(x)
+  if method:  # the reference's stage outputs are channels-last already
+    expected = [e.numpy().transpose(0, 3, 1, 2) for e in expected]
+  else:
+    expected = expected.numpy()
+  actual = jax.jit(model.apply, static_argnames="method")(variables, x_nhwc, method=method)
+  return expected, jax.device_get(actual)
+
+
+def assert_parity(expected, actual, size=0):
+  result = compare_outputs(expected, actual, "random", size)
+  assert result.passed, str(result)
+  return result
+
+
+# ---------------------------------------------------------------------------------------
+# The pieces.
+
+
+@pytest.mark.parametrize("shape,size", [((56, 29), (64, 33)), ((56, 29), (16, 9)),
+                                        ((14, 8), (7, 4)), ((7, 4), (9, 5)), ((5, 3), (1, 1)),
+                                        ((1, 1), (4, 3)), ((28, 15), (28, 15))])
+def test_bicubic_align_corners_resize_matches_pytorch(shape, size, rng):
+  x = rng.standard_normal((3,) + shape).astype(np.float32)
+  want = F.interpolate(torch.from_numpy(x)[None], size=size, mode="bicubic",
+                       align_corners=True)[0].numpy()
+  got = np.asarray(spectral.resize_bicubic_align_corners(jnp.asarray(x), *size))
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=0, atol=4e-6)
+
+
+def test_resize_differs_from_jax_image_resize():
+  """Why it is hand-written: jax.image.resize samples half-pixel centres (and a = -0.5)."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 14, 8)), jnp.float32)
+  ours = spectral.resize_bicubic_align_corners(x, 28, 15)
+  theirs = jax.image.resize(x, (1, 28, 15), "cubic")
+  assert float(jnp.max(jnp.abs(ours - theirs))) > 1e-2
+  np.testing.assert_allclose(ours[0, [0, -1]][:, [0, -1]], x[0, [0, -1]][:, [0, -1]],
+                             atol=1e-6)  # align_corners keeps the corners
+
+
+def test_dft_and_fft_paths_agree(rng):
+  reference = tiny_v2_reference("pure")
+  model, variables = converted(reference)
+  x = jnp.asarray(rng.standard_normal((2, 96, 64, 3)), jnp.float32)
+  fft = model.clone(spectral_impl="fft").apply(variables, x)
+  dft = model.clone(spectral_impl="dft").apply(variables, x)
+  assert compare_outputs(np.asarray(fft), np.asarray(dft), "random", 96).rel_l2 < 2e-6
+  with pytest.raises(ValueError, match="spectral_impl"):
+    model.clone(spectral_impl="lowrank").apply(variables, x)
+
+
+def test_parameter_counts_equal_the_reference():
+  for name in ("spanetv2_s18_pure", "spanetv2_s18_hybrid"):
+    model = spanet_jax.create_model(name)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+    flax_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes))
+    reference = torch_reference_v2.SPANetV2(**registry.model_info(name).architecture)
+    assert flax_count == sum(p.numel() for p in reference.parameters())
+  assert flax_count == 26_991_948  # S18 hybrid; the paper rounds to 27M
+
+
+def test_train_mode_gradients_and_bfloat16(rng):
+  model = spanet_jax.create_model(TINY_V2["hybrid"], drop_path_rate=0.3, head_dropout=0.2)
+  x = jnp.asarray(rng.standard_normal((2, 64, 64, 3)), jnp.float32)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+
+  def loss(params):
+    logits = model.apply({"params": params}, x, train=True,
+                         rngs={"dropout": jax.random.PRNGKey(1)})
+    return jnp.mean(logits ** 2)
+
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+  assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > 0.9 * len(norms)
+  filters = grads["backbone"]["stage0_block0"]["token_mixer"]["filter_1"]
+  assert float(jnp.abs(filters).max()) > 0  # the masks learn
+  bf16 = model.clone(dtype=jnp.bfloat16).apply(variables, x)
+  fp32 = model.apply(variables, x)
+  assert bf16.dtype == jnp.bfloat16
+  assert compare_outputs(np.asarray(fp32), np.asarray(bf16, np.float32), "random", 64).rel_l2 < 5e-2
+
+
+# ---------------------------------------------------------------------------------------
+# Parity with the reference and the converter.
+
+
+@pytest.mark.parametrize("kind", ["pure", "hybrid"])
+@pytest.mark.parametrize("height,width", [(224, 224), (64, 64), (96, 128), (160, 160)])
+def test_tiny_logits_and_stage_features(kind, height, width, rng):
+  """224 uses the stored masks as they are; other sizes resize them (bicubic)."""
+  reference = tiny_v2_reference(kind)
+  model, variables = converted(reference)
+  x = rng.standard_normal((2, height, width, 3)).astype(np.float32)
+  assert_parity(*outputs(reference, model, variables, x), size=height)
+  expected, actual = outputs(reference, model, variables, x, method="stage_features")
+  assert [a.shape for a in actual] == [e.transpose(0, 2, 3, 1).shape for e in expected]
+  assert_parity(expected, actual, size=height)
+
+
+def test_round_trip_is_exact_and_keeps_official_order():
+  state_dict = state_dict_numpy(tiny_v2_reference("hybrid"))
+  name, overrides, params = convert.torch_to_flax(state_dict)
+  assert name == TINY_V2["hybrid"]  # inferred from the tensors, mixers included
+  back = convert.flax_to_torch(params, name, overrides)
+  assert list(back) == list(state_dict)
+  for key, value in state_dict.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_grouped_projection_layout_matters(rng):
+  """A transposed grouped 1x1 kernel (the easy mistake) changes the output."""
+  reference = tiny_v2_reference("pure")
+  model, variables = converted(reference)
+  x = rng.standard_normal((1, 64, 64, 3)).astype(np.float32)
+  expected, _ = outputs(reference, model, variables, x)
+  params = jax.tree.map(np.array, variables["params"])
+  mixer = params["backbone"]["stage1_block0"]["token_mixer"]
+  groups, per_in, per_out = mixer["proj_0"].shape
+  mixer["proj_0"] = mixer["proj_0"].reshape(groups, per_out, per_in).transpose(0, 2, 1)
+  wrong = jax.device_get(model.apply({"params": params}, x))
+  assert compare_outputs(expected, wrong, "random", 64).rel_l2 > 100 * REL_L2_TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", V2_MODELS)
+def test_every_variant_at_224_and_256(name, rng):
+  torch.manual_seed(0)
+  reference = torch_reference.randomize_(
+      torch_reference_v2.SPANetV2(**registry.model_info(name).architecture)).eval()
+  model, variables = converted(reference)
+  assert model.token_mixers == registry.model_info(name).architecture["token_mixers"]
+  for size in (224, 256):
+    x = rng.standard_normal((1, size, size, 3)).astype(np.float32)
+    assert_parity(*outputs(reference, model, variables, x), size=size)
+
+
+def test_converter_cli_verifies_and_rejects_a_mismatch(tmp_path):
+  reference = tiny_v2_reference("hybrid", seed=5)
+  pth = tmp_path / "v2.pth"
+  torch.save({"state_dict_ema": {f"module.{k}": v for k, v in reference.state_dict().items()}},
+             pth)
+  out = tmp_path / "converted"
+  code, stdout, stderr = run_main(convert_torch_weights.main, "--input", pth, "--output", out,
+                                  "--verify", "--verify-sizes", "224", "96")
+  assert code == 0, stderr
+  assert "verification passed" in stdout and stdout.count("top-1 agree 100%") == 4
+  model, variables = spanet_jax.load_pretrained(str(out))
+  x = np.random.default_rng(0).standard_normal((1, 64, 64, 3)).astype(np.float32)
+  assert_parity(*outputs(reference, model, variables, x))
+  # Back to PyTorch: the reference loads it strictly.
+  exported = tmp_path / "back.pth"
+  code, _, stderr = run_main(convert_torch_weights.main, "--to-torch", "--input", out,
+                             "--output", exported, "--verify", "--verify-sizes", "64")
+  assert code == 0, stderr
+  fresh = torch_reference_v2.SPANetV2(**registry.model_info(TINY_V2["hybrid"]).architecture)
+  fresh.load_state_dict(torch.load(exported, weights_only=True), strict=True)
+  # The wrong family, a missing tensor: one message each, nothing written.
+  code, _, stderr = run_main(convert_torch_weights.main, "--input", pth, "--output",
+                             tmp_path / "x", "--model", "spanet_s")
+  assert code == 2 and "does not fit spanet_s" in stderr and TINY_V2["hybrid"] in stderr
+  broken = {k: v for k, v in reference.state_dict().items()
+            if k != "stages.2.0.token_mixer.local_conv.weight"}
+  torch.save(broken, tmp_path / "broken.pth")
+  code, _, stderr = run_main(convert_torch_weights.main, "--input", tmp_path / "broken.pth",
+                             "--output", tmp_path / "y", "--model", TINY_V2["hybrid"])
+  assert code == 2 and "stages.2.0.token_mixer.local_conv.weight" in stderr, stderr
+  assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
