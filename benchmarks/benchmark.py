@@ -2,6 +2,8 @@
 
   python benchmarks/benchmark.py --models spanet_s spanet_m spanet_b
   python benchmarks/benchmark.py --official-file /path/to/SPANet-official/image_classification/spanet.py
+  python benchmarks/benchmark.py --models spanetv2_s18_pure spanetv2_s18_hybrid \
+      --official-file /path/to/SPANetV2-official/image_classification/models/spanetv2.py
 
 For each model it times, alternating between the frameworks after warm-up, one batch
 of: the forward pass (JAX: `create_model(name)` under jax.jit; PyTorch: eval mode,
@@ -10,9 +12,10 @@ the median of the repeats and the JAX/PyTorch ratios. Peak memory of the trainin
 step is measured in a fresh process per framework (peak RSS while steps run, after
 warm-up, minus the RSS before them).
 
-The PyTorch side is our reference (spanet_jax.torch_reference) unless --official-file
-points at the official repository's spanet.py, which is then imported with small
-stand-ins for the timm helpers it uses (timm itself does not install beside torch 2.13).
+The PyTorch side is our reference (spanet_jax.torch_reference, torch_reference_v2)
+unless --official-file points at the official repository's spanet.py (or spanetv2.py
+for SPANetV2 models), which is then imported with small stand-ins for the timm helpers
+it uses (timm itself does not install beside torch 2.13).
 """
 
 from __future__ import annotations
@@ -83,16 +86,25 @@ def _timm_stand_ins():
 
 
 def build_torch_model(name: str, official_file: str | None):
+  from spanet_jax import registry  # pylint: disable=g-import-not-at-top
+
+  info = registry.model_info(name)
   if official_file is None:
-    from spanet_jax import registry, torch_reference  # pylint: disable=g-import-not-at-top
-    return torch_reference.SPANet(**registry.model_info(name).architecture), "reference"
+    from spanet_jax import torch_reference, torch_reference_v2  # pylint: disable=g-import-not-at-top
+    builder = (torch_reference_v2.SPANetV2 if info.family == "spanetv2"
+               else torch_reference.SPANet)
+    return builder(**info.architecture), "reference"
   import importlib.util  # pylint: disable=g-import-not-at-top
   sys.modules.update(_timm_stand_ins())
   spec = importlib.util.spec_from_file_location("official_spanet", official_file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  with contextlib.redirect_stdout(io.StringIO()):  # it prints its lambdas per block
-    return getattr(module, OFFICIAL_BUILDERS[name])(), "official"
+  # SPANetV2's official builders carry our model names.
+  builder = getattr(module, OFFICIAL_BUILDERS.get(name, name), None)
+  if builder is None:
+    raise SystemExit(f"{official_file} has no builder for {name}")
+  with contextlib.redirect_stdout(io.StringIO()):  # SPANet's prints its lambdas per block
+    return builder(), "official"
 
 
 def torch_runners(model, batch: np.ndarray, labels: np.ndarray):

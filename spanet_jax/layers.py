@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -27,6 +28,13 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
+
+
+def fields_for(module_cls: type, source: nn.Module) -> dict[str, Any]:
+  """The values of `source`'s fields that `module_cls` also declares (to build a
+  submodule, such as a backbone, from its parent's configuration)."""
+  names = [f.name for f in dataclasses.fields(module_cls) if f.name not in ("parent", "name")]
+  return {name: getattr(source, name) for name in names}
 
 
 def group_norm(name: str | None = None, dtype: Dtype | None = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -199,9 +198,7 @@ class SPANet(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    backbone_fields = [f.name for f in dataclasses.fields(SPANetBackbone)
-                       if f.name not in ("parent", "name")]
-    self.backbone = SPANetBackbone(**{f: getattr(self, f) for f in backbone_fields})
+    self.backbone = SPANetBackbone(**layers.fields_for(SPANetBackbone, self))
     if self.features_only:
       # The per-stage norms of the official dense-prediction backbones (norm0/2/4/6).
       self.out_norms = [layers.group_norm(None, self.dtype, self.param_dtype)

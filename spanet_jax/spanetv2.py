@@ -6,7 +6,6 @@ learned sigmoid masks; the hybrid variants use self-attention in the last two st
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -298,9 +297,7 @@ class SPANetV2(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    backbone_fields = [f.name for f in dataclasses.fields(SPANetV2Backbone)
-                       if f.name not in ("parent", "name")]
-    self.backbone = SPANetV2Backbone(**{f: getattr(self, f) for f in backbone_fields})
+    self.backbone = SPANetV2Backbone(**layers.fields_for(SPANetV2Backbone, self))
     self.norm = _layer_norm(True, 1e-6, self.dtype, self.param_dtype, None)
     if self.num_classes > 0:
       self.head = MlpHead(self.num_classes, self.mlp_ratio, self.head_dropout, self.dtype,
