@@ -51,6 +51,8 @@ def parse_args(argv=None):
   parser.add_argument("--official-file", default=None,
                       help="the official spanet.py, to benchmark against it instead of our "
                            "PyTorch reference")
+  parser.add_argument("--jax-options", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="create_model options for the JAX side, e.g. spectral_impl=dft")
   parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
   parser.add_argument("--json", default=None, help="also write the results here")
   parser.add_argument("--memory-probe", nargs=2, metavar=("FRAMEWORK", "MODEL"),
@@ -134,7 +136,19 @@ def torch_runners(model, batch: np.ndarray, labels: np.ndarray):
 # JAX side.
 
 
-def jax_runners(name: str, torch_model, batch: np.ndarray, labels: np.ndarray):
+def jax_options(pairs) -> dict:
+  """--jax-options KEY=VALUE pairs as create_model keyword arguments."""
+  options = {}
+  for pair in pairs:
+    key, sep, value = pair.partition("=")
+    if not sep:
+      raise SystemExit(f"--jax-options {pair}: use KEY=VALUE")
+    options[key] = value
+  return options
+
+
+def jax_runners(name: str, torch_model, batch: np.ndarray, labels: np.ndarray,
+                options: dict | None = None):
   """Runners and compile times for create_model(name), with the torch model's weights."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -144,7 +158,7 @@ def jax_runners(name: str, torch_model, batch: np.ndarray, labels: np.ndarray):
 
   state_dict = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
   model_name, overrides, params = convert.torch_to_flax(state_dict, name)
-  model = spanet_jax.create_model(model_name, **overrides)
+  model = spanet_jax.create_model(model_name, **overrides, **(options or {}))
   params = jax.device_put(params)
   x, y = jax.device_put(batch), jax.device_put(labels)
   optimizer = optax.adamw(1e-3, weight_decay=0.05)
@@ -195,7 +209,7 @@ def memory_probe(framework: str, name: str, args) -> None:
   batch, labels = _inputs(args)
   torch_model, _ = build_torch_model(name, args.official_file)
   if framework == "jax":
-    runners, _ = jax_runners(name, torch_model, batch, labels)
+    runners, _ = jax_runners(name, torch_model, batch, labels, jax_options(args.jax_options))
   else:
     runners = torch_runners(torch_model, batch, labels)
   for _ in range(args.warmup):
@@ -227,7 +241,8 @@ def benchmark_model(name: str, args) -> dict:
   batch, labels = _inputs(args)
   torch_model, torch_kind = build_torch_model(name, args.official_file)
   runners = {"torch": torch_runners(torch_model, batch, labels)}
-  runners["jax"], compile_seconds = jax_runners(name, torch_model, batch, labels)
+  runners["jax"], compile_seconds = jax_runners(name, torch_model, batch, labels,
+                                                jax_options(args.jax_options))
   result = {"model": name, "torch_model": torch_kind, "jax_compile_s": compile_seconds}
   for mode in args.modes:
     for _ in range(args.warmup):
@@ -246,6 +261,8 @@ def benchmark_model(name: str, args) -> dict:
                  "--batch", str(args.batch), "--size", str(args.size)]
       if args.official_file:
         command += ["--official-file", args.official_file]
+      if args.jax_options:
+        command += ["--jax-options", *args.jax_options]
       probe = subprocess.run(command, capture_output=True, text=True, check=True)
       result[f"{framework}_train_peak_mib"] = json.loads(
           probe.stdout.strip().splitlines()[-1])["peak_mib"]
