@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import zipfile
 from typing import Any, Sequence
 
@@ -142,7 +143,8 @@ def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
   crop_pct = config.get("crop_pct", -1)
   data = data_config(name, {"input_size": config.get("image_size"),
                             "crop_pct": crop_pct if crop_pct and crop_pct > 0 else None})
-  print(f"{workdir}: training has not finished; using best/ (step {step})", flush=True)
+  print(f"{workdir}: training has not finished; using best/ (step {step})", file=sys.stderr,
+        flush=True)
   return LoadedModel(best, name, model, variables, data, default_class_names(num_classes))
 
 
