@@ -1,4 +1,4 @@
-"""Convert official PyTorch SPANet checkpoints to spanet-jax, and back.
+"""Convert official PyTorch SPANet and SPANetV2 checkpoints to spanet-jax, and back.
 
   python convert_torch_weights.py --model spanet_s --input spanet-small.pth --output DIR
   python convert_torch_weights.py --input spanet-small.pth --output DIR --verify
@@ -26,13 +26,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--output", required=True,
                       help="checkpoint directory to write (or, with --to-torch, a .pth file)")
   parser.add_argument("--model", default=None,
-                      help="spanet_s, spanet_m, spanet_mx, spanet_b or spanet_bx "
-                           "(default: inferred from the file)")
+                      help="spanet_s ... spanet_bx or spanetv2_s18_pure ... "
+                           "spanetv2_b36_hybrid (default: inferred from the file)")
   parser.add_argument("--to-torch", action="store_true",
                       help="convert a spanet-jax checkpoint to an official-layout state_dict")
   parser.add_argument("--learnable-masks", action="store_true",
-                      help="keep the file's spectral masks as trainable parameters instead of "
-                           "checking them against the formula")
+                      help="SPANet: keep the file's spectral masks as trainable parameters "
+                           "instead of checking them against the formula (SPANetV2's are "
+                           "always parameters)")
   parser.add_argument("--verify", action="store_true",
                       help="compare with the PyTorch reference before writing")
   parser.add_argument("--verify-sizes", type=int, nargs="+", default=[224, 256],
