@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -121,6 +122,10 @@ def parse_flags(argv):
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
     detail = str(err).strip("'\"")
+    if "Traceback" in detail:  # a config file that raised: keep only its message
+      raised = [line.strip() for line in detail.splitlines()
+                if re.match(r"\s*\w+(Error|Exception): ", line)]
+      detail = "--config: " + (raised[-1] if raised else detail.splitlines()[0])
     print(f"error: bad flag or config override ({detail}); overrides given: "
           f"{' '.join(overrides) or 'none'}. Every key is listed in configs/default.py.",
           file=sys.stderr)

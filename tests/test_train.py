@@ -287,3 +287,13 @@ def test_spanetv2_trains_and_its_weights_serve_the_tools(tmp_path, data_dir):
   refused = run_train(tmp_path / "bad", "--config.model=spanetv2_s18_pure",
                       "--config.learnable_masks=True", data_dir=data_dir)
   assert refused.returncode == 2 and "masks are always learned" in refused.stderr
+
+
+def test_unknown_spanetv2_variant_is_named(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "train.py", "--config", "configs/spanetv2.py:s99", "--workdir",
+       str(tmp_path)], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True,
+      text=True, timeout=300)
+  assert result.returncode == 2
+  assert "configs/spanetv2.py:s99: choose one of s18_pure" in result.stderr
+  assert "Traceback" not in result.stderr
