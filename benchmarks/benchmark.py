@@ -8,9 +8,10 @@
 For each model it times, alternating between the frameworks after warm-up, one batch
 of: the forward pass (JAX: `create_model(name)` under jax.jit; PyTorch: eval mode,
 no_grad) and an AdamW training step (cross-entropy, backward, update), and reports
-the median of the repeats and the JAX/PyTorch ratios. Peak memory of the training
-step is measured in a fresh process per framework (peak RSS while steps run, after
-warm-up, minus the RSS before them).
+the median of the repeats and the JAX/PyTorch ratios. The training step's memory is
+measured in a fresh process per framework: its footprint (peak RSS while steps run
+after warm-up, minus the RSS before the model was built) and its growth above the
+level between steps.
 
 The PyTorch side is our reference (spanet_jax.torch_reference, torch_reference_v2)
 unless --official-file points at the official repository's spanet.py (or spanetv2.py
@@ -205,21 +206,39 @@ def _rss_kib(field: str) -> int:
 
 
 def memory_probe(framework: str, name: str, args) -> None:
-  """Child process: peak RSS growth (MiB) during steady-state training steps."""
+  """Child process: the training step's memory, in MiB, two ways.
+
+  footprint: the peak RSS while training steps run, after warm-up, minus the RSS
+  before the model was built: weights, optimizer state, gradients, activations and
+  workspace (for JAX also the compiled code; not the transient memory of compiling,
+  which is returned to the system before the steps are measured).
+  step_growth: how far RSS rises above its level between steps during those steps.
+  """
+  import ctypes  # pylint: disable=g-import-not-at-top
+
+  import jax  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
   batch, labels = _inputs(args)
-  torch_model, _ = build_torch_model(name, args.official_file)
+  # The JAX side takes its weights from a PyTorch model built before the baseline, so
+  # each side is charged for its own copy of the weights only.
+  torch_model = build_torch_model(name, args.official_file)[0] if framework == "jax" else None
+  baseline = _rss_kib("VmRSS")
   if framework == "jax":
     runners, _ = jax_runners(name, torch_model, batch, labels, jax_options(args.jax_options))
   else:
-    runners = torch_runners(torch_model, batch, labels)
+    runners = torch_runners(build_torch_model(name, args.official_file)[0], batch, labels)
   for _ in range(args.warmup):
     runners["train"]()
-  before = _rss_kib("VmRSS")
+  ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what building and compiling freed
+  between_steps = _rss_kib("VmRSS")
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current RSS
   for _ in range(2):
     runners["train"]()
-  print(json.dumps({"peak_mib": (_rss_kib("VmHWM") - before) / 1024}))
+  peak = _rss_kib("VmHWM")
+  print(json.dumps({"footprint_mib": (peak - baseline) / 1024,
+                    "step_growth_mib": (peak - between_steps) / 1024}))
 
 
 def _inputs(args):
@@ -264,8 +283,9 @@ def benchmark_model(name: str, args) -> dict:
       if args.jax_options:
         command += ["--jax-options", *args.jax_options]
       probe = subprocess.run(command, capture_output=True, text=True, check=True)
-      result[f"{framework}_train_peak_mib"] = json.loads(
-          probe.stdout.strip().splitlines()[-1])["peak_mib"]
+      measured = json.loads(probe.stdout.strip().splitlines()[-1])
+      result[f"{framework}_train_footprint_mib"] = measured["footprint_mib"]
+      result[f"{framework}_train_step_growth_mib"] = measured["step_growth_mib"]
   return result
 
 
@@ -292,19 +312,24 @@ def main(argv=None) -> None:
   print(f"batch {args.batch}, {args.size}x{args.size}, float32, median of {args.repeats} "
         f"after {args.warmup} warm-up\n")
   header = (f"{'model':<10} {'torch':<9} {'mode':<8} {'jax img/s':>10} {'torch img/s':>12} "
-            f"{'ratio':>6} {'jax compile s':>14} {'jax peak MiB':>13} {'torch peak MiB':>15}")
+            f"{'ratio':>6} {'jax compile s':>14}  memory MiB, jax / torch: "
+            f"footprint, step growth")
   print(header)
   results = []
   for name in args.models:
     result = benchmark_model(name, args)
     results.append(result)
     for mode in args.modes:
-      peak = lambda fw: (f"{result[f'{fw}_train_peak_mib']:.0f}"
-                         if mode == "train" and f"{fw}_train_peak_mib" in result else "-")
+      memory = ""
+      if mode == "train" and "jax_train_footprint_mib" in result:
+        memory = (f"  {result['jax_train_footprint_mib']:.0f} / "
+                  f"{result['torch_train_footprint_mib']:.0f}, "
+                  f"{result['jax_train_step_growth_mib']:.0f} / "
+                  f"{result['torch_train_step_growth_mib']:.0f}")
       print(f"{name:<10} {result['torch_model']:<9} {mode:<8} "
             f"{result[f'jax_{mode}_img_s']:>10.2f} {result[f'torch_{mode}_img_s']:>12.2f} "
-            f"{result[f'{mode}_ratio']:>6.2f} {result['jax_compile_s'][mode]:>14.1f} "
-            f"{peak('jax'):>13} {peak('torch'):>15}", flush=True)
+            f"{result[f'{mode}_ratio']:>6.2f} {result['jax_compile_s'][mode]:>14.1f}{memory}",
+            flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"machine": machine_description(), "args": vars(args), "results": results},
