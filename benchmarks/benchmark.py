@@ -22,6 +22,7 @@ it uses (timm itself does not install beside torch 2.13).
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import io
 import json
@@ -144,7 +145,10 @@ def jax_options(pairs) -> dict:
     key, sep, value = pair.partition("=")
     if not sep:
       raise SystemExit(f"--jax-options {pair}: use KEY=VALUE")
-    options[key] = value
+    try:
+      options[key] = ast.literal_eval(value)  # numbers, True / False, tuples
+    except (ValueError, SyntaxError):
+      options[key] = value  # a plain string such as dft
   return options
 
 

@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.learnable_masks = False  # SPANet only; SPANetV2's masks are always learned
   config.head_dropout = 0.0  # SPANetV2's MLP head only
   config.dtype = "float32"  # or "bfloat16": compute dtype; parameters stay float32
+  config.remat = False  # recompute each block in the backward pass: less memory, more time
   config.init_from = ""  # a converted or trained checkpoint directory to start from
 
   # Data, read through TFDS. `folder` (class-per-folder train/ and val/) wins over `dataset`.

@@ -121,7 +121,7 @@ def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
     name = config["model"]
     registry.model_info(name)
     options = trainer.model_options({"head_dropout": 0.0, **config})
-    for training_only in ("drop_path_rate", "head_dropout"):
+    for training_only in trainer.TRAINING_ONLY_OPTIONS:
       options.pop(training_only, None)
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
     raise CheckpointError(f"{workdir}/config.json is not a train.py config: {err}") from None

@@ -141,6 +141,8 @@ class SPANetBackbone(nn.Module):
   spectral_impl: str = "auto"
   depthwise_impl: str = "auto"
   conv_impl: str = "auto"
+  # Recompute each block in the backward pass instead of storing its activations.
+  remat: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -152,13 +154,15 @@ class SPANetBackbone(nn.Module):
     x = conv(self.dims[0], 7, 4, 2, "patch_embed")(x)
     total_blocks = sum(self.layers)
     block_index = 0
+    # `train` (argument 2, counting self) selects Python branches: static under remat.
+    block_cls = nn.remat(SPANetBlock, static_argnums=(2,)) if self.remat else SPANetBlock
     outputs = []
     for i, (depth, dim) in enumerate(zip(self.layers, self.dims)):
       if i > 0:
         x = conv(dim, 3, 2, 1, f"downsample{i}")(x)
       for j in range(depth):
         rate = self.drop_path_rate * block_index / max(total_blocks - 1, 1)
-        x = SPANetBlock(
+        x = block_cls(
             radius=self.radii[i], mask_size=(self.mask_sizes[i],) * 2,
             mlp_ratio=self.mlp_ratio, kernel_size=self.kernel_size, drop_rate=self.drop_rate,
             drop_path_rate=rate, res_scale=self.res_scale_stages[i],
@@ -194,6 +198,8 @@ class SPANet(nn.Module):
   spectral_impl: str = "auto"
   depthwise_impl: str = "auto"
   conv_impl: str = "auto"
+  # Recompute each block in the backward pass instead of storing its activations.
+  remat: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 

@@ -252,6 +252,8 @@ class SPANetV2Backbone(nn.Module):
   spectral_impl: str = "auto"
   depthwise_impl: str = "auto"
   conv_impl: str = "auto"
+  # Recompute each block in the backward pass instead of storing its activations.
+  remat: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -259,12 +261,14 @@ class SPANetV2Backbone(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
     total = sum(self.layers)
     index = 0
+    # `train` (argument 2, counting self) selects Python branches: static under remat.
+    block_cls = nn.remat(SPANetV2Block, static_argnums=(2,)) if self.remat else SPANetV2Block
     outputs = []
     for i, (depth, dim) in enumerate(zip(self.layers, self.dims)):
       x = Downsampling(dim, stem=i == 0, conv_impl=self.conv_impl, dtype=self.dtype,
                        param_dtype=self.param_dtype, name=f"downsample{i}")(x)
       for j in range(depth):
-        x = SPANetV2Block(
+        x = block_cls(
             token_mixer=self.token_mixers[i], filter_size=(self.filter_sizes[i],) * 2,
             mlp_ratio=self.mlp_ratio, drop_rate=self.drop_rate,
             drop_path_rate=self.drop_path_rate * index / max(total - 1, 1),
@@ -293,6 +297,8 @@ class SPANetV2(nn.Module):
   spectral_impl: str = "auto"
   depthwise_impl: str = "auto"
   conv_impl: str = "auto"
+  # Recompute each block in the backward pass instead of storing its activations.
+  remat: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 

@@ -87,15 +87,20 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+# How the model trains, not what it computes: left out of saved checkpoints' metadata.
+TRAINING_ONLY_OPTIONS = ("drop_path_rate", "head_dropout", "remat")
+
+
 def model_options(config) -> dict[str, Any]:
   """The create_model options a training config asks for (without dtype): what builds
-  the model in train.py and what its saved weights are described with."""
+  the model in train.py and, without TRAINING_ONLY_OPTIONS, what its saved weights are
+  described with."""
   from spanet_jax import registry  # pylint: disable=g-import-not-at-top
 
   overrides = config["model_overrides"]
   overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
   options = {"num_classes": config["num_classes"], "drop_path_rate": config["drop_path_rate"],
-             **overrides}
+             "remat": bool(config.get("remat", False)), **overrides}
   family = registry.model_info(config["model"]).family
   if family == "spanet":
     options["learnable_masks"] = bool(config["learnable_masks"])

@@ -229,7 +229,7 @@ def test_two_processes_through_jax_distributed(tmp_path, data_dir):
 
 
 def test_options_and_init_from_a_checkpoint_with_another_head(tmp_path, data_dir):
-  """bfloat16, gradient accumulation, clipping, EMA and init_from in one short run."""
+  """bfloat16, gradient accumulation, clipping, EMA, remat and init_from in one short run."""
   import spanet_jax
   model = spanet_jax.create_model("spanet_s", layers=(1, 1, 1, 1), dims=(8, 16, 24, 32))
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
@@ -237,7 +237,8 @@ def test_options_and_init_from_a_checkpoint_with_another_head(tmp_path, data_dir
                              {"layers": [1, 1, 1, 1], "dims": [8, 16, 24, 32]})
   result = run_train(tmp_path / "options", "--config.num_epochs=1", "--config.dtype=bfloat16",
                      "--config.grad_accum_steps=2", "--config.grad_clip=1.0",
-                     "--config.ema_decay=0.9", f"--config.init_from={tmp_path / 'pretrained'}",
+                     "--config.ema_decay=0.9", "--config.remat=True",
+                     f"--config.init_from={tmp_path / 'pretrained'}",
                      data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "newly initialised: head/bias, head/kernel" in result.stdout
