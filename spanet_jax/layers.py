@@ -129,6 +129,32 @@ class DenseParams(nn.Module):
     return kernel, bias
 
 
+def shifted_depthwise_sum(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """bias + sum over taps of shifted, per-channel scaled copies of x (B, H, W, C): a
+  depthwise convolution, stride 1, zero padding of kernel // 2, kernel (kh, kw, C).
+
+  Two details keep XLA:CPU from recomputing every tap inside each consumer of the
+  result: the bias goes in first, so the last operation adds two full-size arrays, and
+  a column kernel (kh, 1) shifts the flattened (B, H * W, C) rows, so the result has
+  the layout the (batched) products that read it expect. XLA then materialises it once.
+  """
+  batch, height, width, channels = x.shape
+  kh, kw = kernel.shape[:2]
+  if kw == 1:
+    rows = x.reshape(batch, height * width, channels)
+    padded = jnp.pad(rows, ((0, 0), ((kh // 2) * width,) * 2, (0, 0)))
+    y = bias
+    for i in range(kh):
+      y = y + padded[:, i * width:i * width + height * width, :] * kernel[i, 0]
+    return jnp.broadcast_to(y, rows.shape).reshape(x.shape)
+  padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  y = bias
+  for i in range(kh):
+    for j in range(kw):
+      y = y + padded[:, i:i + height, j:j + width, :] * kernel[i, j]
+  return jnp.broadcast_to(y, x.shape)
+
+
 class DepthwiseConv(nn.Module):
   """Depthwise 2-D convolution, stride 1, 'same' zero padding of kernel // 2.
 
@@ -162,13 +188,7 @@ class DepthwiseConv(nn.Module):
           x, kernel, window_strides=(1, 1), padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
           dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
     elif impl == "shift":
-      height, width = x.shape[1:3]
-      padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-      y = None
-      for i in range(kh):
-        for j in range(kw):
-          term = padded[:, i:i + height, j:j + width, :] * kernel[i, j, 0]
-          y = term if y is None else y + term
+      return shifted_depthwise_sum(x, kernel[:, :, 0], bias)
     else:
       raise ValueError(f"unknown depthwise convolution impl {self.impl!r}")
     return y + bias if self.use_bias else y

@@ -172,6 +172,36 @@ def lowrank_spectral_filter(x: jax.Array, radius: float,
   return y.reshape(batch, height, width, channels)
 
 
+def lowrank_filter_matmul(x: jax.Array, radius: float, kernel: jax.Array,
+                          lambdas: Sequence[float] = SPAM_LAMBDAS) -> jax.Array:
+  """filter(x) @ kernel, (B * H * W, N), for x (B, H, W, C) and kernel (C, N).
+
+  With filter(x) = x * identity + expand @ coefficients (lowrank_spectral_filter) and
+  kernel' = identity * kernel (row-scaled),
+      filter(x) @ kernel = x @ kernel' + expand @ ((coefficients / identity) @ kernel'),
+  so the full-size filtered features are never formed: one full-size product, as the
+  projection alone needs, plus products of rank K (at most 13).
+  """
+  batch, height, width, channels = x.shape
+  basis, weights, identity = lowrank_factors(height, width, radius, tuple(lambdas))
+  sizes = chunk_sizes(channels, len(lambdas))
+  identity = np.repeat(identity, sizes)  # (C,)
+  weights = (np.repeat(weights, sizes, axis=1) / identity).astype(np.float32)  # (K, C)
+  kernel = identity[:, None].astype(kernel.dtype) * kernel
+  basis = basis.reshape(height * width, -1)
+  hi = jax.lax.Precision.HIGHEST
+  # Batched products against the broadcast basis keep x in its (B, HW, C) layout;
+  # contracting HW in an einsum over (B, H, W, C) made XLA:CPU transpose x first.
+  project = jnp.broadcast_to(basis.T, (batch,) + basis.T.shape)  # (B, K, HW)
+  expand = jnp.broadcast_to(basis, (batch,) + basis.shape)  # (B, HW, K)
+  x = x.reshape(batch, height * width, channels)
+  coefficients = jnp.matmul(project, x.astype(jnp.float32), precision=hi) * weights
+  correction = jnp.matmul(expand, jnp.matmul(coefficients, kernel.astype(jnp.float32),
+                                             precision=hi), precision=hi)  # (B, HW, N)
+  main = x.reshape(-1, channels) @ kernel
+  return main + correction.reshape(main.shape).astype(main.dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def _dft_matrices(height: int, width: int):
   """Real and imaginary parts of the DFT along H (H x H) and the real DFT along W."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import spanet_jax
-from spanet_jax import registry, torch_reference
+from spanet_jax import layers, registry, torch_reference
 from conftest import TINY, TINY_ARCH, TINY_V2
 
 
@@ -143,6 +143,20 @@ def test_depthwise_implementations_agree(size, tiny_variables):
   shifted = spanet_jax.create_model(TINY, depthwise_impl="shift")
   np.testing.assert_allclose(apply(shifted, variables, x), apply(model, variables, x),
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size", [(1, 7), (7, 1), (3, 3), (5, 1), (1, 1)])
+def test_shifted_depthwise_sum_is_the_grouped_convolution(kernel_size, rng):
+  x = rng.standard_normal((2, 9, 11, 6)).astype(np.float32)
+  kernel = rng.standard_normal(kernel_size + (6,)).astype(np.float32)
+  bias = rng.standard_normal(6).astype(np.float32)
+  kh, kw = kernel_size
+  want = jax.lax.conv_general_dilated(
+      x, kernel[:, :, None, :], (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6,
+      precision=jax.lax.Precision.HIGHEST) + bias
+  got = layers.shifted_depthwise_sum(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias))
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
 
 
 def test_bfloat16_forward_close_to_float32(tiny_variables):

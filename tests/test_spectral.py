@@ -97,6 +97,19 @@ def test_lowrank_filter_equals_rfft_filter(height, width, radius, rng):
   np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("height,width,radius", SIZES)
+def test_lowrank_filter_matmul_equals_filter_then_product(height, width, radius, rng):
+  channels, outputs = 7, 5
+  x = rng.standard_normal((2, height, width, channels)).astype(np.float32)
+  kernel = rng.standard_normal((channels, outputs)).astype(np.float32)
+  half = spectral.channel_mask(height, width, radius, channels)
+  filtered = np.asarray(spectral.spectral_filter(jnp.asarray(x), jnp.asarray(half)), np.float64)
+  want = filtered.reshape(-1, channels) @ kernel
+  got = np.asarray(spectral.lowrank_filter_matmul(jnp.asarray(x), radius, jnp.asarray(kernel)))
+  assert got.shape == (2 * height * width, outputs)
+  np.testing.assert_allclose(got, want, atol=5e-6, rtol=0)
+
+
 @pytest.mark.parametrize("radius,rank", [(2, 13), (1, 5)])
 def test_lowrank_rank_is_at_most_13(radius, rank):
   basis, weights, identity = spectral.lowrank_factors(56, 56, radius)
