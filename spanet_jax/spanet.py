@@ -41,13 +41,11 @@ class SPAM(nn.Module):
     return impl
 
   def _filter(self, x: jax.Array) -> jax.Array:
-    """The spectral pooling filter of every channel chunk, in float32."""
+    """The spectral pooling filter of every channel chunk by FFT or DFT, in float32
+    (the low-rank path never forms it: see __call__)."""
     height, width, channels = x.shape[1:]
-    impl = self._spectral_impl()
-    if impl == "lowrank":
-      return spectral.lowrank_spectral_filter(x, self.radius)
     masks = self._half_masks(height, width, channels)
-    if impl == "dft":
+    if self._spectral_impl() == "dft":
       return spectral.dft_spectral_filter(x, masks)
     return spectral.spectral_filter(x, masks)
 
