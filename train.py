@@ -322,9 +322,7 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   final = os.path.join(workdir, "final")
   params = state.ema_params if state.ema_params is not None else state.params
   params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
-  saved_options = {k: v for k, v in options.items()
-                   if k not in trainer.TRAINING_ONLY_OPTIONS}
-  checkpoint.save_pretrained(final, config.model, params, saved_options,
+  checkpoint.save_pretrained(final, config.model, params, trainer.described_options(options),
                              extra={"source": "train.py", "step": step,
                                     "data": dataclasses.asdict(eval_data),
                                     "class_names": names}, overwrite=True)

@@ -95,7 +95,7 @@ def _initialised(name: str, overrides: dict) -> LoadedModel:
   size = data.input_size
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
   return LoadedModel(INIT_PREFIX + name, name, model, variables, data,
-                     default_class_names(_num_classes(variables, model)))
+                     default_class_names(_num_classes(model)))
 
 
 def _load_pretrained_dir(path: str, overrides: dict) -> LoadedModel:
@@ -103,7 +103,7 @@ def _load_pretrained_dir(path: str, overrides: dict) -> LoadedModel:
   model, variables = checkpoint.load_pretrained(path, **overrides)
   name = metadata["model"]
   _check_params(path, model, variables, metadata["overrides"])
-  num_classes = _num_classes(variables, model)
+  num_classes = _num_classes(model)
   class_names = tuple(metadata.get("class_names") or default_class_names(num_classes))
   if len(class_names) != num_classes:
     raise CheckpointError(f"{path}: spanet.json names {len(class_names)} classes but the "
@@ -120,9 +120,7 @@ def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
       config = json.load(f)
     name = config["model"]
     registry.model_info(name)
-    options = trainer.model_options({"head_dropout": 0.0, **config})
-    for training_only in trainer.TRAINING_ONLY_OPTIONS:
-      options.pop(training_only, None)
+    options = trainer.described_options(trainer.model_options(config))
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
     raise CheckpointError(f"{workdir}/config.json is not a train.py config: {err}") from None
   best = os.path.join(workdir, "best")
@@ -148,10 +146,9 @@ def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
   return LoadedModel(best, name, model, variables, data, default_class_names(num_classes))
 
 
-def _num_classes(variables, model) -> int:
+def _num_classes(model) -> int:
   """Classes of the head (checked against the weights by _check_params); 0 for a
   dense-prediction backbone, which has none."""
-  del variables
   return 0 if getattr(model, "features_only", False) else int(model.num_classes)
 
 

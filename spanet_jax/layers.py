@@ -183,14 +183,13 @@ class DepthwiseConv(nn.Module):
     impl = self.impl
     if impl == "auto":
       impl = "shift" if jax.default_backend() == "cpu" else "conv"
-    if impl == "conv":
-      y = jax.lax.conv_general_dilated(
-          x, kernel, window_strides=(1, 1), padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
-    elif impl == "shift":
+    if impl == "shift":
       return shifted_depthwise_sum(x, kernel[:, :, 0], bias)
-    else:
+    if impl != "conv":
       raise ValueError(f"unknown depthwise convolution impl {self.impl!r}")
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
     return y + bias if self.use_bias else y
 
 

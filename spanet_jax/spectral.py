@@ -151,25 +151,31 @@ def lowrank_factors(height: int, width: int, radius: float,
   return (np.stack(basis, -1).astype(np.float32), np.stack(weights).astype(np.float32), identity)
 
 
-def lowrank_spectral_filter(x: jax.Array, radius: float,
-                            lambdas: Sequence[float] = SPAM_LAMBDAS) -> jax.Array:
-  """The fixed-mask filter of x (B, H, W, C) by two small matrix products, in float32."""
-  height, width, channels = x.shape[1:]
+def _lowrank_terms(x: jax.Array, radius: float, lambdas: Sequence[float]):
+  """The low-rank terms of x (B, H, W, C), per channel: x as (B, HW, C), its projections
+  (B, K, C) on the basis, the basis broadcast as (B, HW, K) to expand them, and the
+  factors' weights (K, C) and identity (C,)."""
+  batch, height, width, channels = x.shape
   basis, weights, identity = lowrank_factors(height, width, radius, tuple(lambdas))
   sizes = chunk_sizes(channels, len(lambdas))
-  weights = np.repeat(weights, sizes, axis=1)  # (K, C)
-  identity = np.repeat(identity, sizes)  # (C,)
-  batch = x.shape[0]
-  x = x.astype(jnp.float32).reshape(batch, height * width, channels)
   basis = basis.reshape(height * width, -1)
   # Batched products against the broadcast basis keep x in its (B, HW, C) layout;
   # contracting HW in an einsum over (B, H, W, C) made XLA:CPU transpose x first.
   project = jnp.broadcast_to(basis.T, (batch,) + basis.T.shape)  # (B, K, HW)
   expand = jnp.broadcast_to(basis, (batch,) + basis.shape)  # (B, HW, K)
-  hi = jax.lax.Precision.HIGHEST
-  coefficients = jnp.matmul(project, x, precision=hi) * weights  # (B, K, C)
-  y = x * identity + jnp.matmul(expand, coefficients, precision=hi)
-  return y.reshape(batch, height, width, channels)
+  x = x.reshape(batch, height * width, channels)
+  projections = jnp.matmul(project, x.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return (x, projections, expand, np.repeat(weights, sizes, axis=1),
+          np.repeat(identity, sizes))
+
+
+def lowrank_spectral_filter(x: jax.Array, radius: float,
+                            lambdas: Sequence[float] = SPAM_LAMBDAS) -> jax.Array:
+  """The fixed-mask filter of x (B, H, W, C) by two small matrix products, in float32."""
+  rows, projections, expand, weights, identity = _lowrank_terms(x, radius, lambdas)
+  y = rows.astype(jnp.float32) * identity + jnp.matmul(
+      expand, projections * weights, precision=jax.lax.Precision.HIGHEST)
+  return y.reshape(x.shape)
 
 
 def lowrank_filter_matmul(x: jax.Array, radius: float, kernel: jax.Array,
@@ -182,23 +188,13 @@ def lowrank_filter_matmul(x: jax.Array, radius: float, kernel: jax.Array,
   so the full-size filtered features are never formed: one full-size product, as the
   projection alone needs, plus products of rank K (at most 13).
   """
-  batch, height, width, channels = x.shape
-  basis, weights, identity = lowrank_factors(height, width, radius, tuple(lambdas))
-  sizes = chunk_sizes(channels, len(lambdas))
-  identity = np.repeat(identity, sizes)  # (C,)
-  weights = (np.repeat(weights, sizes, axis=1) / identity).astype(np.float32)  # (K, C)
+  rows, projections, expand, weights, identity = _lowrank_terms(x, radius, lambdas)
   kernel = identity[:, None].astype(kernel.dtype) * kernel
-  basis = basis.reshape(height * width, -1)
+  coefficients = projections * (weights / identity).astype(np.float32)  # (B, K, C)
   hi = jax.lax.Precision.HIGHEST
-  # Batched products against the broadcast basis keep x in its (B, HW, C) layout;
-  # contracting HW in an einsum over (B, H, W, C) made XLA:CPU transpose x first.
-  project = jnp.broadcast_to(basis.T, (batch,) + basis.T.shape)  # (B, K, HW)
-  expand = jnp.broadcast_to(basis, (batch,) + basis.shape)  # (B, HW, K)
-  x = x.reshape(batch, height * width, channels)
-  coefficients = jnp.matmul(project, x.astype(jnp.float32), precision=hi) * weights
-  correction = jnp.matmul(expand, jnp.matmul(coefficients, kernel.astype(jnp.float32),
-                                             precision=hi), precision=hi)  # (B, HW, N)
-  main = x.reshape(-1, channels) @ kernel
+  low = jnp.matmul(coefficients, kernel.astype(jnp.float32), precision=hi)
+  correction = jnp.matmul(expand, low, precision=hi)  # (B, HW, N)
+  main = rows.reshape(-1, x.shape[-1]) @ kernel
   return main + correction.reshape(main.shape).astype(main.dtype)
 
 

@@ -93,8 +93,8 @@ TRAINING_ONLY_OPTIONS = ("drop_path_rate", "head_dropout", "remat")
 
 def model_options(config) -> dict[str, Any]:
   """The create_model options a training config asks for (without dtype): what builds
-  the model in train.py and, without TRAINING_ONLY_OPTIONS, what its saved weights are
-  described with."""
+  the model in train.py (described_options gives what its saved weights are described
+  with)."""
   from spanet_jax import registry  # pylint: disable=g-import-not-at-top
 
   overrides = config["model_overrides"]
@@ -112,6 +112,11 @@ def model_options(config) -> dict[str, Any]:
   elif config.get("head_dropout", 0.0):
     raise ValueError(f"config.head_dropout: {config['model']} has no MLP head (SPANetV2 only)")
   return options
+
+
+def described_options(options: dict[str, Any]) -> dict[str, Any]:
+  """model_options without TRAINING_ONLY_OPTIONS: what saved weights are described with."""
+  return {k: v for k, v in options.items() if k not in TRAINING_ONLY_OPTIONS}
 
 
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
