@@ -191,6 +191,7 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(tmp_path, data_dir):
     ("--config.random_erasing=1.5", "config.random_erasing=1.5 is a probability"),
     ("--config.head_dropout=0.2", "config.head_dropout: spanet_s has no MLP head"),
     ("--config.optimizer=sgd", "config.optimizer='sgd': use adamw or lamb"),
+    ("--config.head_dropout=1.5", "config.head_dropout=1.5 must be in [0, 1)"),
     ("--config.model=spanetv2_s18_hybrid",  # demo widths (32, 48, 64, 96): 48 % 32 != 0
      "cannot be built: MixAttention needs channels divisible by 32"),
 ])
