@@ -159,6 +159,39 @@ def test_shifted_depthwise_sum_is_the_grouped_convolution(kernel_size, rng):
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("kernel_size,batch,use_bias", [
+    ((1, 7), 2, True), ((7, 1), 3, True), ((3, 3), 12, True), ((5, 1), 1, False),
+    ((1, 1), 2, True)])
+def test_shifted_depthwise_sum_gradient_is_the_grouped_convolutions(kernel_size, batch,
+                                                                    use_bias, rng):
+  """The hand-written gradient (x, kernel, bias) equals autodiff of lax's grouped
+  convolution; batches of 1, 3 and 12 take the batch fold's other group counts, and a
+  scalar zero bias stands for no bias."""
+  kh, kw = kernel_size
+  x = jnp.asarray(rng.standard_normal((batch, 9, 11, 6)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal(kernel_size + (6,)), jnp.float32)
+  bias = (jnp.asarray(rng.standard_normal(6), jnp.float32) if use_bias
+          else jnp.zeros((), jnp.float32))
+  weights = jnp.asarray(rng.standard_normal((batch, 9, 11, 6)), jnp.float32)
+
+  def grouped(x, kernel, bias):
+    y = jax.lax.conv_general_dilated(
+        x, kernel[:, :, None, :], (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6,
+        precision=jax.lax.Precision.HIGHEST) + bias
+    return jnp.sum(y * weights)
+
+  shifted = lambda x, kernel, bias: jnp.sum(
+      layers.shifted_depthwise_sum(x, kernel, bias) * weights)
+  want = jax.grad(grouped, argnums=(0, 1, 2))(x, kernel, bias)
+  got = jax.jit(jax.grad(shifted, argnums=(0, 1, 2)))(x, kernel, bias)
+  for name, g, w in zip(("x", "kernel", "bias"), got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    # Sums of up to batch * 99 float32 products: rounding relative to the largest entry.
+    np.testing.assert_allclose(g, w, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(w))),
+                               err_msg=name)
+
+
 def test_bfloat16_forward_close_to_float32(tiny_variables):
   model, variables = spanet_jax.create_model(TINY), tiny_variables
   x = jax.random.normal(jax.random.PRNGKey(4), (2, 64, 64, 3))

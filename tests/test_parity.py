@@ -5,6 +5,7 @@ with identical top-1; float32 rounding gives about 1e-6 here.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -73,3 +74,31 @@ def test_official_quirk_odd_feature_size_from_even_trained_mask(rng):
   x = rng.standard_normal((1, 228, 228, 3)).astype(np.float32)  # stage 0 is 57 x 57
   result = verify.compare_outputs(*run_both(reference, model, variables, x), "random", 228)
   assert result.rel_l2 > 1e-3
+
+
+def test_tiny_gradients_match_pytorch_autograd(rng):
+  """Training computes the reference's gradients: every parameter's gradient of a
+  cross-entropy loss, converted like the weights, within float32 rounding (relative
+  L2 2e-5, the logits tolerance)."""
+  reference = tiny_reference()
+  model, variables = converted(reference)
+  x = rng.standard_normal((3, 64, 64, 3)).astype(np.float32)
+  labels = np.array([1, 5, 9])
+  loss = torch.nn.functional.cross_entropy(
+      reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())), torch.from_numpy(labels))
+  loss.backward()
+  # Gradients have the weights' shapes and layouts, so the weight conversion maps them;
+  # buffers (the fixed masks) keep their values.
+  grads_torch = {k: (v.grad if v.grad is not None else v).detach().numpy().copy()
+                 for k, v in reference.state_dict(keep_vars=True).items()}
+  _, _, want = convert.torch_to_flax(grads_torch)
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, x)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+  got = jax.jit(jax.grad(loss_fn))(variables["params"])
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    rel = float(np.linalg.norm(np.asarray(g) - w) / (np.linalg.norm(w) + 1e-30))
+    assert rel < 2e-5, (jax.tree_util.keystr(path), rel)
