@@ -34,6 +34,10 @@ flags.DEFINE_bool("distributed", False,
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed)")
 flags.DEFINE_integer("num_processes", None, "number of processes (with --distributed)")
 flags.DEFINE_integer("process_id", None, "this process's index (with --distributed)")
+flags.DEFINE_enum("host_malloc", "auto", ["auto", "keep", "default"],
+                  "keep: glibc keeps freed memory for reuse, so XLA:CPU does not fault its "
+                  "scratch in again every step (spanet_jax/host_memory.py); auto: keep when "
+                  "JAX runs on the CPU")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -142,6 +146,11 @@ def main(argv) -> None:
 
 
 def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-many-statements
+  from spanet_jax import host_memory  # pylint: disable=g-import-not-at-top
+
+  # Before JAX starts its threads: the setting reaches only threads created later.
+  if FLAGS.host_malloc == "keep" or (FLAGS.host_malloc == "auto" and host_memory.cpu_only()):
+    host_memory.keep_freed_memory()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

@@ -56,6 +56,10 @@ def parse_args(argv=None):
   parser.add_argument("--jax-options", nargs="+", default=[], metavar="KEY=VALUE",
                       help="create_model options for the JAX side, e.g. spectral_impl=dft")
   parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+  parser.add_argument("--malloc", choices=["default", "keep"], default="default",
+                      help="default: glibc's own settings, as in any script; keep: "
+                           "spanet_jax.host_memory.keep_freed_memory(), as train.py does on "
+                           "CPU (for both frameworks: they share the process)")
   parser.add_argument("--json", default=None, help="also write the results here")
   parser.add_argument("--memory-probe", nargs=2, metavar=("FRAMEWORK", "MODEL"),
                       help=argparse.SUPPRESS)
@@ -187,8 +191,8 @@ def jax_runners(name: str, torch_model, batch: np.ndarray, labels: np.ndarray,
       state["params"], state["opt"], x, y).compile()
   compile_seconds["train"] = time.perf_counter() - start
 
-  def forward():
-    forward_fn({"params": params}, x).block_until_ready()
+  def forward():  # the training step donates the parameters: read the current ones
+    forward_fn({"params": state["params"]}, x).block_until_ready()
 
   def train_step():
     state["params"], state["opt"], loss = step_fn(state["params"], state["opt"], x, y)
@@ -281,7 +285,7 @@ def benchmark_model(name: str, args) -> dict:
   if not args.no_memory and "train" in args.modes:
     for framework in ("jax", "torch"):
       command = [sys.executable, os.path.abspath(__file__), "--memory-probe", framework, name,
-                 "--batch", str(args.batch), "--size", str(args.size)]
+                 "--batch", str(args.batch), "--size", str(args.size), "--malloc", args.malloc]
       if args.official_file:
         command += ["--official-file", args.official_file]
       if args.jax_options:
@@ -309,12 +313,16 @@ def machine_description() -> str:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  if args.malloc == "keep":  # before either framework starts a thread
+    from spanet_jax import host_memory  # pylint: disable=g-import-not-at-top
+    if not host_memory.keep_freed_memory():
+      args.malloc = "default"
   if args.memory_probe:
     memory_probe(*args.memory_probe, args)
     return
   print(f"machine: {machine_description()}")
   print(f"batch {args.batch}, {args.size}x{args.size}, float32, median of {args.repeats} "
-        f"after {args.warmup} warm-up\n")
+        f"after {args.warmup} warm-up, malloc: {args.malloc}\n")
   header = (f"{'model':<10} {'torch':<9} {'mode':<8} {'jax img/s':>10} {'torch img/s':>12} "
             f"{'ratio':>6} {'jax compile s':>14}  memory MiB, jax / torch: "
             f"footprint, step growth")

@@ -179,7 +179,7 @@ def shifted_depthwise_sum(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> j
 
   The gradient is written out by hand: differentiated automatically, the sum keeps
   every shifted copy of x for the kernel's gradient (kh * kw - 1 extra activations per
-  convolution, a third of SPANet's training memory). This one keeps x alone.
+  convolution, over a quarter of SPANet-S's training scratch). This one keeps x alone.
   """
   return _shifted_sum(x, kernel, bias)
 

@@ -1,0 +1,52 @@
+"""host_memory.keep_freed_memory: XLA:CPU's scratch block is reused, not faulted in again."""
+
+import subprocess
+import sys
+
+import pytest
+
+from spanet_jax import host_memory
+
+# A jitted program whose scratch is one ~200 MiB block (cumulative sums and a sort
+# keep several 64 MiB intermediates alive), run three times; prints the scratch size in
+# pages and the page faults of the last run.
+PROGRAM = """
+import resource, sys
+from spanet_jax import host_memory
+if sys.argv[1] == "keep":
+  assert host_memory.keep_freed_memory()
+import jax, jax.numpy as jnp
+x = jnp.ones((4096, 4096))
+f = jax.jit(lambda x: jnp.sum(jnp.cumsum(jnp.cumsum(jnp.sin(x), 0) * x, 1) + jnp.sort(x, 0), 0))
+temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
+for _ in range(2):
+  f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+f(x).block_until_ready()
+print(temp // 4096, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def scratch_pages_and_faults(mode: str) -> tuple[int, int]:
+  result = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True,
+                          text=True, check=True)
+  pages, faults = map(int, result.stdout.split())
+  assert pages > 30_000  # the block is big enough for glibc to mmap it by default
+  return pages, faults
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_scratch_is_reused_instead_of_faulted_in_every_run():
+  pages, faults = scratch_pages_and_faults("default")
+  assert faults > pages // 2  # glibc's default: the block is mapped afresh each run
+  pages, faults = scratch_pages_and_faults("keep")
+  assert faults < pages // 20
+
+
+def test_cpu_only_follows_jax_platforms(monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert host_memory.cpu_only()
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+  assert not host_memory.cpu_only()
+  monkeypatch.delenv("JAX_PLATFORMS")
+  assert host_memory.cpu_only()  # this machine has no accelerator plugin installed
