@@ -5,10 +5,25 @@
   logits = model.apply(variables, images_nhwc, train=False)
 """
 
-from spanet_jax.checkpoint import load_pretrained, save_pretrained
-from spanet_jax.registry import ModelInfo, create_model, list_models, model_info
-from spanet_jax.spanet import SPANet
+import importlib
 
-__all__ = ["ModelInfo", "SPANet", "create_model", "list_models", "load_pretrained",
-           "model_info", "save_pretrained"]
+# Public names and the submodules that define them, imported on first use so that
+# `from spanet_jax import host_memory` runs before NumPy or JAX start any thread.
+_EXPORTS = {"load_pretrained": "checkpoint", "save_pretrained": "checkpoint",
+            "ModelInfo": "registry", "create_model": "registry", "list_models": "registry",
+            "model_info": "registry", "SPANet": "spanet"}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(f"spanet_jax.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'spanet_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_EXPORTS))

@@ -8,8 +8,8 @@ import pytest
 from spanet_jax import host_memory
 
 # A jitted program whose scratch is one ~200 MiB block (cumulative sums and a sort
-# keep several 64 MiB intermediates alive), run three times; prints the scratch size in
-# pages and the page faults of the last run.
+# keep several 64 MiB intermediates alive), run 24 times; prints the scratch size in
+# pages and the page faults of each of the last 16 runs.
 PROGRAM = """
 import resource, sys
 from spanet_jax import host_memory
@@ -18,29 +18,32 @@ if sys.argv[1] == "keep":
 import jax, jax.numpy as jnp
 x = jnp.ones((4096, 4096))
 f = jax.jit(lambda x: jnp.sum(jnp.cumsum(jnp.cumsum(jnp.sin(x), 0) * x, 1) + jnp.sort(x, 0), 0))
-temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
-for _ in range(2):
+faults = []
+for _ in range(24):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-f(x).block_until_ready()
-print(temp // 4096, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(f.lower(x).compile().memory_analysis().temp_size_in_bytes // 4096, *faults[8:])
 """
 
 
-def scratch_pages_and_faults(mode: str) -> tuple[int, int]:
+def scratch_pages_and_faults(mode: str) -> tuple[int, list[int]]:
   result = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True,
                           text=True, check=True)
-  pages, faults = map(int, result.stdout.split())
+  pages, *faults = map(int, result.stdout.split())
   assert pages > 30_000  # the block is big enough for glibc to mmap it by default
   return pages, faults
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_scratch_is_reused_instead_of_faulted_in_every_run():
+  # glibc's default: the block is mapped afresh, and faulted in, on every run.
   pages, faults = scratch_pages_and_faults("default")
-  assert faults > pages // 2  # glibc's default: the block is mapped afresh each run
+  assert sum(faults) > len(faults) * pages // 2, faults
+  # Kept: once the heap has settled, most runs reuse resident memory. (Now and then the
+  # heap's layout makes glibc carve the block anew, so a few runs still fault it in.)
   pages, faults = scratch_pages_and_faults("keep")
-  assert faults < pages // 20
+  assert sum(faults) < 5 * pages, faults
 
 
 def test_cpu_only_follows_jax_platforms(monkeypatch):
