@@ -3,13 +3,15 @@
 XLA:CPU allocates all of an execution's intermediate buffers as one block (1.7 GB for
 a SPANet-S training step at batch 8). glibc's malloc serves a block that large with a
 fresh mmap, from the worker thread's own arena, and unmaps it when it is freed, so
-every step faults its whole scratch in again (about 450,000 page faults here, ~13% of
-the step on a 2-core machine). With a single arena, no mmap for large blocks and no
-trimming, the block is carved from the heap once and reused by the following steps.
+every step faults its whole scratch in again (about 450,000 page faults here; the step
+ran 10 to 15% faster without them on a 2-core machine). With a single arena, no mmap for large blocks and no
+trimming, the block comes from the heap and, once the heap has settled, most steps
+reuse it (now and then glibc carves it anew and it is faulted in again).
 
 This is a process-wide malloc setting: it only takes effect for threads created
-afterwards, so call `keep_freed_memory()` before JAX starts its backend (before the
-first computation or jax.devices()). train.py and the benchmark do.
+afterwards, so call `keep_freed_memory()` before NumPy or JAX start threads (before
+importing them, or at least before the first computation or jax.devices()). train.py
+does it before importing either.
 """
 
 from __future__ import annotations
