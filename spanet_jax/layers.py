@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -37,20 +38,184 @@ def fields_for(module_cls: type, source: nn.Module) -> dict[str, Any]:
   return {name: getattr(source, name) for name in names}
 
 
+def _recompute_here(residual: jax.Array, grad: jax.Array) -> jax.Array:
+  """`residual`, made to depend on the incoming gradient `grad` (same shape but for the
+  last axis), for backward rules that recompute intermediates from a saved input.
+
+  Without this XLA:CPU merges the recomputation with the forward pass's identical one,
+  or, as it depends on forward values only, schedules it in the forward pass; either
+  way the intermediate stays alive until the backward pass: the memory those rules
+  exist to save. An optimisation barrier alone stops the merging but not the early
+  scheduling, so the residual also takes a zero made from the gradient's first column
+  (x * 0 is not folded for floats, as it is NaN for infinite x). That column is
+  indexed like the residual on every other axis, so under sharding it is local data.
+  Adding zero changes no value: -0.0 becomes 0.0, which every use here treats alike.
+  """
+  residual, grad = jax.lax.optimization_barrier((residual, grad))
+  return residual + (grad[..., :1] * 0).astype(residual.dtype)
+
+
 def group_norm(name: str | None = None, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+               param_dtype: Dtype = jnp.float32) -> "SingleGroupNorm":
   """GroupNorm with one group: statistics over (H, W, C) per sample, per-channel affine."""
-  return nn.GroupNorm(num_groups=1, epsilon=1e-5, use_fast_variance=False,
-                      dtype=dtype, param_dtype=param_dtype, name=name)
+  return SingleGroupNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+def _sample_axes(x: jax.Array) -> tuple[int, ...]:
+  return tuple(range(1, x.ndim))
+
+
+def _normalise_one_group(x, scale, bias, epsilon):
+  """(y, mean, 1 / std) of one-group normalisation, statistics in float32."""
+  axes = _sample_axes(x)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.mean(x, axes, keepdims=True)
+  centred = x - mean
+  inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axes, keepdims=True) + epsilon)
+  return centred * (inv_std * scale) + bias, mean, inv_std
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def single_group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                      epsilon: float) -> jax.Array:
+  """(x - mean) / sqrt(var + epsilon) * scale + bias, mean and (biased) variance over
+  all axes of each sample but the batch, in at least float32; scale and bias per channel
+  (the last axis). Returned in float32 (or wider); callers cast.
+
+  The gradient is written out: differentiated automatically, the formula keeps x - mean
+  for the backward pass, an activation-sized array per norm beside the input itself.
+  This keeps the input and two scalars per sample, and recomputes x - mean where used.
+  """
+  return _normalise_one_group(x, scale, bias, epsilon)[0]
+
+
+def _single_group_norm_fwd(x, scale, bias, epsilon):
+  y, mean, inv_std = _normalise_one_group(x, scale, bias, epsilon)
+  return y, (x, scale, bias, inv_std, mean)
+
+
+def _single_group_norm_bwd(epsilon, residuals, grad_y):
+  del epsilon  # inv_std carries it
+  x, scale, bias, inv_std, mean = residuals
+  x = _recompute_here(x, grad_y)
+  dtype = inv_std.dtype
+  grad_y = grad_y.astype(dtype)
+  count = math.prod(x.shape[1:])
+  # Only two full-size reductions, both of arrays that contain grad_y: XLA could
+  # otherwise compute a reduction's input (x - mean, or scale broadcast to x's shape)
+  # early in the forward pass and hold it until here. x - mean is recomputed inside
+  # the products that need it.
+  centred = lambda: x.astype(dtype) - mean
+  spatial = tuple(range(1, x.ndim - 1))
+  sum_grad = jnp.sum(grad_y, spatial).reshape(x.shape[0], -1)  # (B, C)
+  sum_grad_x_hat = jnp.sum(grad_y * (centred() * inv_std), spatial).reshape(x.shape[0], -1)
+  grad_scale = jnp.sum(sum_grad_x_hat, 0)
+  grad_bias = jnp.sum(sum_grad, 0)
+  # d/dx of (x - mean) / std for a per-sample mean and std over the same axes:
+  # inv_std * (g - mean(g) - x_hat * mean(g * x_hat)), with g = grad_y * scale.
+  scale = scale.astype(dtype)
+  per_sample = lambda sums: (sums @ scale / count).reshape(inv_std.shape)
+  mean_g, mean_g_x_hat = per_sample(sum_grad), per_sample(sum_grad_x_hat)
+  grad_x = (inv_std * (grad_y * scale - mean_g)
+            - centred() * (inv_std * inv_std * mean_g_x_hat))
+  return (grad_x.astype(x.dtype), grad_scale.astype(scale.dtype).reshape(scale.shape),
+          grad_bias.astype(bias.dtype).reshape(bias.shape))
+
+
+single_group_norm.defvjp(_single_group_norm_fwd, _single_group_norm_bwd)
+
+
+class SingleGroupNorm(nn.Module):
+  """GroupNorm with one group (nn.GroupNorm(num_groups=1, use_fast_variance=False)'s
+  function and parameters, "scale" and "bias"), with a leaner gradient: see
+  single_group_norm."""
+  epsilon: float = 1e-5
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+    y = single_group_norm(x, scale, bias, self.epsilon)
+    return y.astype(self.dtype or jnp.result_type(x, scale, bias))
+
+
+_INV_SQRT2 = np.float32(1.0 / np.sqrt(2.0))
+_INV_SQRT_2PI = np.float32(1.0 / np.sqrt(2.0 * np.pi))
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+  return 0.5 * x * (1.0 + jax.lax.erf(x * _INV_SQRT2).astype(x.dtype))
+
+
+@jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
   """Exact (erf) GELU, written as PyTorch writes it: 0.5 x (1 + erf(x / sqrt 2)).
 
   jax.nn.gelu(approximate=False) goes through erfc, which XLA:CPU evaluates about six
   times slower; both agree with PyTorch to float32 rounding.
+
+  The gradient is PyTorch's, written out: differentiated automatically, the formula
+  keeps four activation-sized intermediates (0.5 x, 1 + erf, the exp inside erf's
+  derivative, the output) for the backward pass; this keeps x alone and recomputes
+  the derivative, Phi(x) + x phi(x), where it is used.
   """
-  return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1.0 / np.sqrt(2.0))).astype(x.dtype))
+  return _gelu(x)
+
+
+def _gelu_fwd(x):
+  return _gelu(x), x
+
+
+def _gelu_bwd(x, grad_y):
+  x = _recompute_here(x, grad_y)
+  cdf = 0.5 * (1.0 + jax.lax.erf(x * _INV_SQRT2).astype(x.dtype))
+  pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+  return (grad_y * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def _gelu_mlp(x, kernel1, bias1, kernel2, bias2):
+  hidden = x @ kernel1 + bias1
+  return _gelu(hidden) @ kernel2 + bias2, hidden
+
+
+@jax.custom_vjp
+def gelu_mlp(x: jax.Array, kernel1: jax.Array, bias1: jax.Array, kernel2: jax.Array,
+             bias2: jax.Array) -> jax.Array:
+  """gelu(x @ kernel1 + bias1) @ kernel2 + bias2 for x (N, C).
+
+  The gradient is written out so that the backward pass needs only x and the hidden
+  pre-activation: autodiff would also keep the GELU's output (as large as the hidden
+  layer) for kernel2's gradient. Here it is recomputed from the pre-activation together
+  with the GELU's derivative, which needs the same erf.
+  """
+  return _gelu_mlp(x, kernel1, bias1, kernel2, bias2)[0]
+
+
+def _gelu_mlp_fwd(x, kernel1, bias1, kernel2, bias2):
+  y, hidden = _gelu_mlp(x, kernel1, bias1, kernel2, bias2)
+  return y, (x, kernel1, kernel2, hidden)
+
+
+def _gelu_mlp_bwd(residuals, grad_y):
+  x, kernel1, kernel2, hidden = residuals
+  hidden = _recompute_here(hidden, grad_y)
+  erf = jax.lax.erf(hidden * _INV_SQRT2).astype(hidden.dtype)
+  activation = 0.5 * hidden * (1.0 + erf)  # _gelu(hidden), sharing the erf
+  grad_kernel2 = activation.T @ grad_y
+  grad_activation = grad_y @ kernel2.T
+  pdf = jnp.exp(-0.5 * hidden * hidden) * _INV_SQRT_2PI
+  grad_hidden = grad_activation * (0.5 * (1.0 + erf) + hidden * pdf)
+  return (grad_hidden @ kernel1.T, x.T @ grad_hidden, jnp.sum(grad_hidden, 0),
+          grad_kernel2, jnp.sum(grad_y, 0))
+
+
+gelu_mlp.defvjp(_gelu_mlp_fwd, _gelu_mlp_bwd)
 
 
 class StridedConv(nn.Module):
@@ -114,18 +279,20 @@ def torch_dense(features: int, in_features: int, dtype: Dtype | None = None,
 
 
 class DenseParams(nn.Module):
-  """The kernel and bias of a PyTorch-initialised Dense layer, for callers that combine
-  several layers into one product."""
+  """The kernel (in, out) and bias of a Dense layer, for callers that combine layers into
+  one product or differentiate them by hand. Initialised as PyTorch does unless told."""
   in_features: int
   features: int
   param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer | None = None
+  bias_init: Initializer | None = None
 
   @nn.compact
   def __call__(self) -> tuple[jax.Array, jax.Array]:
-    kernel = self.param("kernel", torch_default_kernel_init, (self.in_features, self.features),
-                        self.param_dtype)
-    bias = self.param("bias", torch_default_bias_init(self.in_features), (self.features,),
-                      self.param_dtype)
+    kernel = self.param("kernel", self.kernel_init or torch_default_kernel_init,
+                        (self.in_features, self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init or torch_default_bias_init(self.in_features),
+                      (self.features,), self.param_dtype)
     return kernel, bias
 
 
@@ -278,14 +445,20 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     channels = x.shape[-1]
-    dense = lambda features, name: nn.Dense(
-        features, kernel_init=trunc_normal_init, bias_init=nn.initializers.zeros,
-        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    dense = lambda in_features, features, name: DenseParams(
+        in_features, features, self.param_dtype, kernel_init=trunc_normal_init,
+        bias_init=nn.initializers.zeros, name=name)()
+    kernel1, bias1 = dense(channels, self.hidden_features, "fc1")
+    kernel2, bias2 = dense(self.hidden_features, channels, "fc2")
     shape = x.shape
     # One (B * H * W, C) matrix throughout: XLA:CPU fuses and vectorises the 2-D
     # products and the GELU between them far better than their 4-D forms.
-    x = dense(self.hidden_features, "fc1")(x.reshape(-1, channels))
-    x = gelu(x)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    x = dense(channels, "fc2")(x)
-    return nn.Dropout(self.dropout_rate)(x, deterministic=not train).reshape(shape)
+    x, kernel1, bias1, kernel2, bias2 = nn.dtypes.promote_dtype(
+        x.reshape(-1, channels), kernel1, bias1, kernel2, bias2, dtype=self.dtype)
+    dropout = nn.Dropout(self.dropout_rate)
+    if train and self.dropout_rate > 0:
+      x = dropout(gelu(x @ kernel1 + bias1), deterministic=False)
+      x = dropout(x @ kernel2 + bias2, deterministic=False)
+    else:
+      x = gelu_mlp(x, kernel1, bias1, kernel2, bias2)
+    return x.reshape(shape)

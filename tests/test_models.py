@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import linen as nn
 
 import spanet_jax
 from spanet_jax import layers, registry, torch_reference
@@ -190,6 +191,100 @@ def test_shifted_depthwise_sum_gradient_is_the_grouped_convolutions(kernel_size,
     # Sums of up to batch * 99 float32 products: rounding relative to the largest entry.
     np.testing.assert_allclose(g, w, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(w))),
                                err_msg=name)
+
+
+def test_gelu_and_its_gradient_are_pytorchs(rng):
+  """layers.gelu and its hand-written gradient against torch's exact GELU and autograd,
+  including far in the tails."""
+  x = np.concatenate([rng.standard_normal(500) * 3, [-12.0, -6.0, 0.0, 6.0, 12.0]])
+  x = x.astype(np.float32)
+  weights = rng.standard_normal(x.shape).astype(np.float32)
+  x_torch = torch.tensor(x, requires_grad=True)
+  y_torch = torch.nn.functional.gelu(x_torch)
+  (y_torch * torch.tensor(weights)).sum().backward()
+  y = jax.jit(layers.gelu)(x)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(layers.gelu(x) * weights)))(x)
+  np.testing.assert_allclose(y, y_torch.detach().numpy(), rtol=2e-6, atol=1e-6)
+  np.testing.assert_allclose(grad, x_torch.grad.numpy(), rtol=2e-6, atol=1e-6)
+
+
+def test_gelu_mlp_and_its_gradient_are_pytorchs(rng):
+  """layers.gelu_mlp (fc1, GELU, fc2 with a hand-written gradient) against the same
+  layers in PyTorch, value and every gradient."""
+  x, k1, b1, k2, b2 = (rng.standard_normal(shape).astype(np.float32) for shape in
+                       ((300, 8), (8, 32), (32,), (32, 8), (8,)))
+  weights = rng.standard_normal((300, 8)).astype(np.float32)
+  torch_args = [torch.tensor(a, requires_grad=True) for a in (x, k1, b1, k2, b2)]
+  tx, tk1, tb1, tk2, tb2 = torch_args
+  ty = torch.nn.functional.gelu(tx @ tk1 + tb1) @ tk2 + tb2
+  (ty * torch.tensor(weights)).sum().backward()
+  loss = lambda *args: jnp.sum(layers.gelu_mlp(*args) * weights)
+  y = jax.jit(layers.gelu_mlp)(x, k1, b1, k2, b2)
+  grads = jax.jit(jax.grad(loss, argnums=tuple(range(5))))(x, k1, b1, k2, b2)
+  np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-5, atol=1e-5)
+  for name, g, t in zip(("x", "kernel1", "bias1", "kernel2", "bias2"), grads, torch_args):
+    want = t.grad.numpy()
+    # Sums of up to 300 float32 products: rounding relative to the largest entry.
+    np.testing.assert_allclose(g, want, rtol=0, atol=1e-5 * float(np.max(np.abs(want))),
+                               err_msg=name)
+
+
+def test_hand_written_gradients_keep_less_for_the_backward_pass():
+  """What the hand-written gradients are for: compiled, the gradient of a stack of MLPs
+  and of norms needs less scratch memory than autodiff of the same formulas (which keep
+  each GELU output and each x - mean for the backward pass)."""
+  x = jnp.ones((8, 32, 32, 16), jnp.float32)
+  k1, k2 = jnp.ones((16, 64)), jnp.ones((64, 16))
+  b1, b2 = jnp.ones(64), jnp.ones(16)
+  scale, bias = jnp.ones(16), jnp.zeros(16)
+
+  def scratch(layer, x, *params):
+    def stack(x, *params):
+      for _ in range(4):
+        x = x + layer(x, *params)
+      return jnp.sum(x)
+    grad = jax.jit(jax.grad(stack, argnums=tuple(range(len(params) + 1))))
+    return grad.lower(x, *params).compile().memory_analysis().temp_size_in_bytes
+
+  flat = x.reshape(-1, 16)
+  plain_mlp = lambda x, k1, b1, k2, b2: layers._gelu(x @ k1 + b1) @ k2 + b2
+  assert scratch(layers.gelu_mlp, flat, k1, b1, k2, b2) < scratch(plain_mlp, flat, k1, b1, k2, b2)
+  theirs = nn.GroupNorm(num_groups=1, epsilon=1e-5, use_fast_variance=False)
+  flax_norm = lambda x, scale, bias: theirs.apply({"params": {"scale": scale, "bias": bias}}, x)
+  ours = lambda x, scale, bias: layers.single_group_norm(x, scale, bias, 1e-5)
+  assert scratch(ours, x, scale, bias) < scratch(flax_norm, x, scale, bias)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5, 7, 6), jnp.float32), ((2, 6), jnp.float32),
+                                         ((2, 4, 4, 8), jnp.bfloat16)])
+def test_single_group_norm_is_flax_group_norm_with_its_gradient(shape, dtype, rng):
+  """SingleGroupNorm computes nn.GroupNorm(num_groups=1)'s function with the same
+  parameters, and its hand-written gradient equals autodiff of nn.GroupNorm, for every
+  input and parameter (4-D features, 2-D pooled features, bfloat16)."""
+  x = jnp.asarray(rng.standard_normal(shape) * 2 + 0.5, dtype)
+  ours = layers.group_norm(dtype=dtype)
+  theirs = nn.GroupNorm(num_groups=1, epsilon=1e-5, use_fast_variance=False, dtype=dtype)
+  params = {"scale": jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32),
+            "bias": jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)}
+  shapes = lambda m: jax.tree.map(jnp.shape, m.init(jax.random.PRNGKey(0), x)["params"])
+  assert shapes(ours) == shapes(theirs) == jax.tree.map(jnp.shape, params)
+  weights = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+  def loss(module):
+    return lambda p, x: jnp.sum(module.apply({"params": p}, x).astype(jnp.float32) * weights)
+
+  y_ours, y_theirs = (m.apply({"params": params}, x) for m in (ours, theirs))
+  assert y_ours.dtype == y_theirs.dtype == dtype
+  tolerance = 1e-2 if dtype == jnp.bfloat16 else 2e-6
+  np.testing.assert_allclose(np.asarray(y_ours, np.float32), np.asarray(y_theirs, np.float32),
+                             rtol=tolerance, atol=tolerance)
+  want = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
+  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(params, x)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == w.dtype
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    scale = float(np.max(np.abs(w)))
+    np.testing.assert_allclose(g, w, rtol=0, atol=(2e-2 if dtype == jnp.bfloat16 else 2e-6) * scale)
 
 
 def test_bfloat16_forward_close_to_float32(tiny_variables):
