@@ -1,5 +1,7 @@
 """The Flax models: registry, shapes, parameters, training behaviour, precision."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -254,6 +256,26 @@ def test_hand_written_gradients_keep_less_for_the_backward_pass():
   ours = lambda x, scale, bias: layers.single_group_norm(x, scale, bias, 1e-5)
   assert scratch(ours, x, scale, bias) < scratch(flax_norm, x, scale, bias)
 
+
+def test_chained_depthwise_gradients_compute_each_input_gradient_once():
+  """SPAM's row then column convolution, differentiated: the column convolution's
+  input gradient (a 7-tap sum) feeds each of the row convolution's kernel-gradient
+  reductions. It must be computed once and read, not recomputed inside every one of
+  them (what XLA:CPU did: about three times the products, and the HLO module, of two
+  separately differentiated convolutions). No bias, so the bias gradient cannot be
+  what keeps it in memory."""
+  def products(fn, *args):
+    hlo = jax.jit(jax.grad(fn, argnums=tuple(range(len(args))))).lower(*args).compile()
+    return len(re.findall(r" multiply\(", hlo.as_text()))
+
+  x = jnp.ones((8, 7, 7, 512), jnp.float32)  # SPANet-S's last stage
+  weights = jnp.full(x.shape, 0.5)
+  row, column = jnp.full((1, 7, 512), 0.1), jnp.full((7, 1, 512), 0.2)
+  conv = lambda x, kernel: layers.shifted_depthwise_sum(x, kernel, jnp.zeros((), x.dtype))
+  alone = sum(products(lambda x, k: jnp.sum(conv(x, k) * weights), x, kernel)
+              for kernel in (row, column))
+  chained = products(lambda x, r, c: jnp.sum(conv(conv(x, r), c) * weights), x, row, column)
+  assert chained < 2 * alone
 
 @pytest.mark.parametrize("shape,dtype", [((3, 5, 7, 6), jnp.float32), ((2, 6), jnp.float32),
                                          ((2, 4, 4, 8), jnp.bfloat16)])
