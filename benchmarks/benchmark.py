@@ -34,8 +34,6 @@ import sys
 import time
 import types
 
-import numpy as np
-
 OFFICIAL_BUILDERS = {"spanet_s": "spanet_small", "spanet_m": "spanet_medium",
                      "spanet_mx": "spanet_mediumX", "spanet_b": "spanet_base",
                      "spanet_bx": "spanet_baseX"}
@@ -157,8 +155,9 @@ def jax_options(pairs) -> dict:
 
 
 def jax_runners(name: str, torch_model, batch: np.ndarray, labels: np.ndarray,
-                options: dict | None = None):
-  """Runners and compile times for create_model(name), with the torch model's weights."""
+                options: dict | None = None, modes=("forward", "train")):
+  """Runners and compile times for create_model(name), with the torch model's weights,
+  for the given modes only (a compiled executable holds memory of its own)."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
 
@@ -181,24 +180,27 @@ def jax_runners(name: str, torch_model, batch: np.ndarray, labels: np.ndarray,
     updates, opt_state = optimizer.update(grads, opt_state, p)
     return optax.apply_updates(p, updates), opt_state, loss
 
-  compile_seconds = {}
-  start = time.perf_counter()
-  forward_fn = jax.jit(model.apply).lower({"params": params}, x).compile()
-  compile_seconds["forward"] = time.perf_counter() - start
-  state = {"params": params, "opt": optimizer.init(params)}
-  start = time.perf_counter()
-  step_fn = jax.jit(step, donate_argnums=(0, 1)).lower(
-      state["params"], state["opt"], x, y).compile()
-  compile_seconds["train"] = time.perf_counter() - start
+  compile_seconds, runners = {}, {}
+  state = {"params": params}
+  if "forward" in modes:
+    start = time.perf_counter()
+    forward_fn = jax.jit(model.apply).lower({"params": params}, x).compile()
+    compile_seconds["forward"] = time.perf_counter() - start
+    runners["forward"] = lambda: forward_fn({"params": state["params"]}, x).block_until_ready()
+  if "train" in modes:
+    state["opt"] = optimizer.init(params)
+    start = time.perf_counter()
+    step_fn = jax.jit(step, donate_argnums=(0, 1)).lower(
+        state["params"], state["opt"], x, y).compile()
+    compile_seconds["train"] = time.perf_counter() - start
 
-  def forward():  # the training step donates the parameters: read the current ones
-    forward_fn({"params": state["params"]}, x).block_until_ready()
-
-  def train_step():
+  def train_step():  # donates the parameters: the forward runner reads the current ones
     state["params"], state["opt"], loss = step_fn(state["params"], state["opt"], x, y)
     loss.block_until_ready()
 
-  return {"forward": forward, "train": train_step}, compile_seconds
+  if "train" in modes:
+    runners["train"] = train_step
+  return runners, compile_seconds
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,7 +235,8 @@ def memory_probe(framework: str, name: str, args) -> None:
   torch_model = build_torch_model(name, args.official_file)[0] if framework == "jax" else None
   baseline = _rss_kib("VmRSS")
   if framework == "jax":
-    runners, _ = jax_runners(name, torch_model, batch, labels, jax_options(args.jax_options))
+    runners, _ = jax_runners(name, torch_model, batch, labels, jax_options(args.jax_options),
+                             modes=("train",))
   else:
     runners = torch_runners(build_torch_model(name, args.official_file)[0], batch, labels)
   for _ in range(args.warmup):
@@ -250,6 +253,8 @@ def memory_probe(framework: str, name: str, args) -> None:
 
 
 def _inputs(args):
+  import numpy as np  # pylint: disable=g-import-not-at-top  (after --malloc keep acts)
+
   rng = np.random.default_rng(0)
   batch = rng.standard_normal((args.batch, args.size, args.size, 3)).astype(np.float32)
   return batch, rng.integers(0, 1000, args.batch).astype(np.int64)
@@ -269,7 +274,7 @@ def benchmark_model(name: str, args) -> dict:
   torch_model, torch_kind = build_torch_model(name, args.official_file)
   runners = {"torch": torch_runners(torch_model, batch, labels)}
   runners["jax"], compile_seconds = jax_runners(name, torch_model, batch, labels,
-                                                jax_options(args.jax_options))
+                                                jax_options(args.jax_options), args.modes)
   result = {"model": name, "torch_model": torch_kind, "jax_compile_s": compile_seconds}
   for mode in args.modes:
     for _ in range(args.warmup):

@@ -320,18 +320,19 @@ def _shifted_sum(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
 def _sum_over_positions(product: jax.Array) -> jax.Array:
   """Sum of product (B, ..., C) over all axes but the last, in float32.
 
-  The batch is folded first by adding up to 8 slices of it: XLA fuses those additions
-  with the shift and product that feed them, where a reduction (handed to YNNPACK on
-  CPU) would make it materialise every shifted copy. The reduction then reads an array
-  up to 8 times smaller.
+  The first even-sized axis is folded first, its two halves added: XLA fuses that
+  addition with the shift and product that feed it, where a reduction of the product
+  itself (handed to YNNPACK on CPU) would make it materialise the shifted copies, all
+  alive at once (SPANet-S's training scratch: 1004 -> 1630 MiB). Folding into more
+  slices (up to 8 were tried) only makes more, smaller fusions: a larger compiled
+  step, no faster.
   """
-  batch = product.shape[0]
-  groups = max(d for d in range(1, 9) if batch % d == 0)
-  product = product.astype(jnp.float32).reshape(groups, batch // groups, *product.shape[1:])
-  folded = product[0]
-  for i in range(1, groups):
-    folded = folded + product[i]
-  return jnp.sum(folded, axis=tuple(range(folded.ndim - 1)))
+  product = product.astype(jnp.float32)
+  even = [axis for axis, size in enumerate(product.shape[:-1]) if size % 2 == 0]
+  if even:
+    halves = jnp.split(product, 2, axis=even[0])
+    product = halves[0] + halves[1]
+  return jnp.sum(product, axis=tuple(range(product.ndim - 1)))
 
 
 @jax.custom_vjp
