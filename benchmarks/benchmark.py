@@ -194,11 +194,10 @@ def jax_runners(name: str, torch_model, batch: np.ndarray, labels: np.ndarray,
         state["params"], state["opt"], x, y).compile()
     compile_seconds["train"] = time.perf_counter() - start
 
-  def train_step():  # donates the parameters: the forward runner reads the current ones
-    state["params"], state["opt"], loss = step_fn(state["params"], state["opt"], x, y)
-    loss.block_until_ready()
+    def train_step():  # donates the parameters: the forward runner reads the current ones
+      state["params"], state["opt"], loss = step_fn(state["params"], state["opt"], x, y)
+      loss.block_until_ready()
 
-  if "train" in modes:
     runners["train"] = train_step
   return runners, compile_seconds
 
