@@ -317,22 +317,41 @@ def _shifted_sum(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   return jnp.broadcast_to(y, views[0].shape).reshape(x.shape)
 
 
-def _sum_over_positions(product: jax.Array) -> jax.Array:
-  """Sum of product (B, ..., C) over all axes but the last, in float32.
+def _fold_count(batch: int, rows: int, target: int = 8) -> int:
+  """How many slices of the positions `_tap_gradients` adds up inside one fusion: the
+  largest divisor of the batch up to `target`, or, when that is the whole batch, the
+  batch times the largest power of two up to `target` that divides the next axis."""
+  count = max(d for d in range(1, min(batch, target) + 1) if batch % d == 0)
+  if count == batch:
+    while count < target and rows % (2 * (count // batch)) == 0:
+      count *= 2
+  return count
 
-  The first even-sized axis is folded first, its two halves added: XLA fuses that
-  addition with the shift and product that feed it, where a reduction of the product
-  itself (handed to YNNPACK on CPU) would make it materialise the shifted copies, all
-  alive at once (SPANet-S's training scratch: 1004 -> 1630 MiB). Folding into more
-  slices (up to 8 were tried) only makes more, smaller fusions: a larger compiled
-  step, no faster.
+
+def _tap_gradients(views: list[jax.Array], grad_y: jax.Array) -> jax.Array:
+  """sum over positions of view * grad_y for each view (B, S, ..., C): (taps, C), float32.
+
+  The positions are cut into F slices (F = 8 for a batch of 8) that are added
+  elementwise, every tap at once, into a (positions / F, taps, C) array: XLA fuses this
+  into one pass that reads x and dy once, where per-tap products read them once per tap
+  (and a reduction of each product, handed to YNNPACK on CPU, materialises it first).
+  A plain reduction of that array finishes the sum. For SPANet-S's first stage this is
+  about 2-3x faster than the per-tap form and needs a quarter of its scratch. More
+  than 8 slices made XLA:CPU split the pass into separate fusions again.
   """
-  product = product.astype(jnp.float32)
-  even = [axis for axis, size in enumerate(product.shape[:-1]) if size % 2 == 0]
-  if even:
-    halves = jnp.split(product, 2, axis=even[0])
-    product = halves[0] + halves[1]
-  return jnp.sum(product, axis=tuple(range(product.ndim - 1)))
+  shape = views[0].shape
+  channels = shape[-1]
+  count = _fold_count(shape[0], shape[1])
+  grad_y = grad_y.reshape(shape)
+
+  def folded(view):
+    product = (view * grad_y).astype(jnp.float32).reshape(count, -1, channels)
+    total = product[0]
+    for i in range(1, count):
+      total = total + product[i]
+    return total
+
+  return jnp.sum(jnp.stack([folded(view) for view in views], axis=-2), axis=0)
 
 
 @jax.custom_vjp
@@ -364,7 +383,7 @@ def _shifted_depthwise_sum_bwd(residuals, grad_y):
   grad_x = _shifted_sum(grad_y, kernel[::-1, ::-1], jnp.zeros((channels,), grad_y.dtype))
   views = _shifted_views(x, kh, kw)
   grad_y = grad_y.reshape(views[0].shape)
-  grad_kernel = jnp.stack([_sum_over_positions(view * grad_y) for view in views])
+  grad_kernel = _tap_gradients(views, grad_y)
   # XLA:CPU hands a plain reduction to YNNPACK, which reads dy from memory, so dy is
   # materialised once. With no such reader XLA fuses dy's producer (in SPAM, the next
   # convolution's input gradient, itself a kh * kw-tap sum) into each fold above,
