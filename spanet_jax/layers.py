@@ -329,7 +329,8 @@ def _fold_count(batch: int, rows: int, target: int = 8) -> int:
 
 
 def _tap_gradients(views: list[jax.Array], grad_y: jax.Array) -> jax.Array:
-  """sum over positions of view * grad_y for each view (B, S, ..., C): (taps, C), float32.
+  """sum over positions of view * grad_y for each view (B, S, ..., C), grad_y shaped like
+  the views: (taps, C), float32.
 
   The positions are cut into F slices (F = 8 for a batch of 8) that are added
   elementwise, every tap at once, into a (positions / F, taps, C) array: XLA fuses this
@@ -343,7 +344,6 @@ def _tap_gradients(views: list[jax.Array], grad_y: jax.Array) -> jax.Array:
   shape = views[0].shape
   channels = shape[-1]
   count = _fold_count(shape[0], shape[1])
-  grad_y = grad_y.reshape(shape)
 
   def folded(view):
     product = (view * grad_y).astype(jnp.float32).reshape(count, -1, channels)
@@ -387,11 +387,12 @@ def _shifted_depthwise_sum_bwd(residuals, grad_y):
   grad_kernel = _tap_gradients(views, grad_y)
   # XLA:CPU hands a plain reduction to YNNPACK, which reads dy from memory, so dy is
   # materialised once. With no such reader XLA fuses dy's producer (in SPAM, the next
-  # convolution's input gradient, itself a kh * kw-tap sum) into each fold above,
-  # computing it kh * kw times over: for SPANet-S's training step an HLO module twice
-  # as large (kept in memory with the executable) and a step 7% slower. The bias
-  # gradient is that reduction; the kernel gradient takes a zero made from it, so that
-  # it stays when there is no bias or its gradient is not asked for.
+  # convolution's input gradient, itself a kh * kw-tap sum) into the kernel-gradient
+  # pass above, which reads dy once per tap, computing it kh * kw times over (with the
+  # earlier per-tap reductions: an HLO module twice as large, kept in memory with the
+  # executable, and a SPANet-S training step 7% slower). The bias gradient is that
+  # reduction; the kernel gradient takes a zero made from it, so that it stays when
+  # there is no bias or its gradient is not asked for.
   grad_bias = jnp.sum(grad_y.astype(jnp.float32), axis=tuple(range(grad_y.ndim - 1)))
   grad_kernel = grad_kernel + grad_bias * 0
   if bias.ndim == 0:  # a scalar stand-in for "no bias"
