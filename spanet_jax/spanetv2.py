@@ -108,8 +108,8 @@ class ExSPAM(nn.Module):
     kernel = self.param("proj_0", _weight_init, (group, self.num_groups, per_group_out),
                         self.param_dtype)
     filtered, kernel = nn.dtypes.promote_dtype(filtered, kernel, dtype=self.dtype)
-    mixed = jnp.einsum("bhwig,gio->bhwgo",
-                       filtered.reshape(batch, height, width, self.num_groups, group), kernel)
+    mixed = layers.grouped_projection(
+        filtered.reshape(batch, height, width, self.num_groups, group), kernel)
     mixed = mixed.reshape(batch, height, width, channels * self.expand_ratio)
     mixed = layers.group_norm("proj_1", self.dtype, self.param_dtype)(mixed)
     mixed = dense(channels, "proj_3")(layers.gelu(mixed))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import convert_torch_weights
 import spanet_jax
-from spanet_jax import convert, registry, spectral, torch_reference, torch_reference_v2
+from spanet_jax import convert, layers, registry, spectral, torch_reference, torch_reference_v2
 from spanet_jax.verify import REL_L2_TOLERANCE, compare_outputs
 from conftest import TINY_V2, run_main, state_dict_numpy, tiny_v2_reference
 
@@ -111,6 +111,26 @@ def test_train_mode_gradients_and_bfloat16(rng):
   fp32 = model.apply(variables, x)
   assert bf16.dtype == jnp.bfloat16
   assert compare_outputs(np.asarray(fp32), np.asarray(bf16, np.float32), "random", 64).rel_l2 < 5e-2
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 4, 3, 8), (8, 4, 4, 4, 16, 8), (1, 3, 2, 2, 5, 3)])
+def test_grouped_projection_and_its_gradient_match_the_einsum(shape, rng):
+  """The broadcast form and its written-out gradient against the einsum and autodiff,
+  to float32 rounding; shapes cover batches the kernel gradient cuts in slices (8) or not."""
+  batch, height, width, inputs, groups, outputs = shape
+  x = jnp.asarray(rng.standard_normal((batch, height, width, inputs, groups)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((groups, inputs, outputs)), jnp.float32)
+  probe = jnp.asarray(rng.standard_normal((batch, height, width, groups, outputs)), jnp.float32)
+  einsum = lambda x, k: jnp.einsum("bhwig,gio->bhwgo", x, k,
+                                   precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(layers.grouped_projection(x, kernel), einsum(x, kernel),
+                             rtol=1e-5, atol=1e-5)
+  loss = lambda fn: lambda x, k: jnp.sum(fn(x, k) * probe)
+  got = jax.jit(jax.grad(loss(layers.grouped_projection), argnums=(0, 1)))(x, kernel)
+  want = jax.grad(loss(einsum), argnums=(0, 1))(x, kernel)
+  for g, w in zip(got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------
