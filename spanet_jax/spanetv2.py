@@ -85,8 +85,10 @@ class ExSPAM(nn.Module):
       raise ValueError(f"ExSPAM needs channels divisible by {self.num_groups}, got {channels}")
     group = channels // self.num_groups
     dense = lambda features, name: _dense(features, False, self.dtype, self.param_dtype, name)
-    q = layers.gelu(dense(channels, "query")(x))
-    ctx = dense(channels, "ctx")(x)
+    # The 1x1 convolutions as (B * H * W, C) products: see layers.Mlp.
+    rows = x.reshape(-1, channels)
+    q = layers.gelu(dense(channels, "query")(rows))
+    ctx = dense(channels, "ctx")(rows).reshape(x.shape)
     convolved = [
         layers.DepthwiseConv((3 + 2 * i,) * 2, impl=self.depthwise_impl,
                              kernel_init=_weight_init, bias_init=_bias_init, dtype=self.dtype,
@@ -112,8 +114,8 @@ class ExSPAM(nn.Module):
         filtered.reshape(batch, height, width, self.num_groups, group), kernel)
     mixed = mixed.reshape(batch, height, width, channels * self.expand_ratio)
     mixed = layers.group_norm("proj_1", self.dtype, self.param_dtype)(mixed)
-    mixed = dense(channels, "proj_3")(layers.gelu(mixed))
-    return dense(channels, "proj_out")(q * mixed)
+    mixed = dense(channels, "proj_3")(layers.gelu(mixed.reshape(-1, mixed.shape[-1])))
+    return dense(channels, "proj_out")(q * mixed).reshape(x.shape)
 
 
 class Attention(nn.Module):
@@ -155,12 +157,13 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    channels = x.shape[-1]
+    channels, shape = x.shape[-1], x.shape
+    x = x.reshape(-1, channels)  # (B * H * W, C) products: see layers.Mlp
     x = _dense(self.hidden_features, False, self.dtype, self.param_dtype, "fc1")(x)
     x = StarReLU(self.param_dtype, name="act")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     x = _dense(channels, False, self.dtype, self.param_dtype, "fc2")(x)
-    return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=not train).reshape(shape)
 
 
 class MlpHead(nn.Module):
