@@ -378,7 +378,7 @@ def _grouped_projection_fwd(x, kernel):
 
 def _grouped_projection_bwd(residuals, grad_y):
   x, kernel = residuals
-  inputs, groups, outputs = kernel.shape[1], kernel.shape[0], kernel.shape[2]
+  groups, inputs, outputs = kernel.shape
   grad_x = []
   for i in range(inputs):
     total = grad_y[..., 0] * kernel[:, i, 0]

@@ -4,6 +4,8 @@ Tolerance as for SPANet: relative L2 difference of logits (and stage features) a
 2e-5 with identical top-1; float32 rounding gives about 1e-6.
 """
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,12 +225,11 @@ def test_converter_cli_verifies_and_rejects_a_mismatch(tmp_path):
 def _reference_gradients(reference, x, labels, dtype):
   """Every parameter's gradient of the reference's cross-entropy loss, computed in
   `dtype`, converted like the weights (gradients have the weights' layouts)."""
-  import copy  # pylint: disable=g-import-not-at-top
   reference = copy.deepcopy(reference).to(dtype)
   loss = F.cross_entropy(reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dtype)),
                          torch.from_numpy(labels))
   loss.backward()
-  grads = {k: (v.grad if v.grad is not None else v).detach().float().numpy().copy()
+  grads = {k: (v.grad if v.grad is not None else v).detach().numpy().copy()
            for k, v in reference.state_dict(keep_vars=True).items()}
   return convert.torch_to_flax(grads)[2]
 
