@@ -12,7 +12,7 @@ import torch
 
 import spanet_jax
 from spanet_jax import convert, registry, torch_reference, verify
-from conftest import TINY, state_dict_numpy, tiny_reference
+from conftest import TINY, assert_gradients_match_autograd, state_dict_numpy, tiny_reference
 
 
 def converted(reference):
@@ -77,28 +77,9 @@ def test_official_quirk_odd_feature_size_from_even_trained_mask(rng):
 
 
 def test_tiny_gradients_match_pytorch_autograd(rng):
-  """Training computes the reference's gradients: every parameter's gradient of a
-  cross-entropy loss, converted like the weights, within float32 rounding (relative
-  L2 2e-5, the logits tolerance)."""
+  """Training computes the reference's gradients: every parameter's gradient within
+  float32 rounding of PyTorch's float64 autograd gradient (conftest's check). Covers
+  the hand-written gradients (GELU, the MLP, one-group norms, depthwise convolutions,
+  the low-rank spectral filter)."""
   reference = tiny_reference()
-  model, variables = converted(reference)
-  x = rng.standard_normal((3, 64, 64, 3)).astype(np.float32)
-  labels = np.array([1, 5, 9])
-  loss = torch.nn.functional.cross_entropy(
-      reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())), torch.from_numpy(labels))
-  loss.backward()
-  # Gradients have the weights' shapes and layouts, so the weight conversion maps them;
-  # buffers (the fixed masks) keep their values.
-  grads_torch = {k: (v.grad if v.grad is not None else v).detach().numpy().copy()
-                 for k, v in reference.state_dict(keep_vars=True).items()}
-  _, _, want = convert.torch_to_flax(grads_torch)
-
-  def loss_fn(params):
-    logits = model.apply({"params": params}, x)
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
-
-  got = jax.jit(jax.grad(loss_fn))(variables["params"])
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-    rel = float(np.linalg.norm(np.asarray(g) - w) / (np.linalg.norm(w) + 1e-30))
-    assert rel < 2e-5, (jax.tree_util.keystr(path), rel)
+  assert_gradients_match_autograd(reference, *converted(reference), rng)

@@ -4,7 +4,6 @@ Tolerance as for SPANet: relative L2 difference of logits (and stage features) a
 2e-5 with identical top-1; float32 rounding gives about 1e-6.
 """
 
-import copy
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,8 @@ import convert_torch_weights
 import spanet_jax
 from spanet_jax import convert, layers, registry, spectral, torch_reference, torch_reference_v2
 from spanet_jax.verify import REL_L2_TOLERANCE, compare_outputs
-from conftest import TINY_V2, run_main, state_dict_numpy, tiny_v2_reference
+from conftest import (TINY_V2, assert_gradients_match_autograd, run_main, state_dict_numpy,
+                      tiny_v2_reference)
 
 V2_MODELS = [f"spanetv2_{size}_{kind}" for size in ("s18", "s36", "m36", "b36")
              for kind in ("pure", "hybrid")]
@@ -222,44 +222,11 @@ def test_converter_cli_verifies_and_rejects_a_mismatch(tmp_path):
   assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def _reference_gradients(reference, x, labels, dtype):
-  """Every parameter's gradient of the reference's cross-entropy loss, computed in
-  `dtype`, converted like the weights (gradients have the weights' layouts)."""
-  reference = copy.deepcopy(reference).to(dtype)
-  loss = F.cross_entropy(reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dtype)),
-                         torch.from_numpy(labels))
-  loss.backward()
-  grads = {k: (v.grad if v.grad is not None else v).detach().numpy().copy()
-           for k, v in reference.state_dict(keep_vars=True).items()}
-  return convert.torch_to_flax(grads)[2]
-
-
 @pytest.mark.parametrize("kind", ["pure", "hybrid"])
 def test_tiny_gradients_match_pytorch_autograd(kind, rng):
-  """Training computes the reference's gradients: every parameter's gradient of a
-  cross-entropy loss within float32 rounding of the exact (float64) gradient: relative
-  L2 2e-5, the logits tolerance, or, for sums whose terms cancel (StarReLU's scalars
-  sum over every activation: PyTorch's own float32 gradient is off by up to ~5e-5
-  there), within 10x PyTorch's own float32 error, as the two sum in different orders.
-  A wrong formula is off by order 1. Covers the hand-written gradients (grouped
+  """Training computes the reference's gradients: every parameter's gradient within
+  float32 rounding of PyTorch's float64 autograd gradient (conftest's check; StarReLU's
+  scalars are its sums whose terms cancel). Covers the hand-written gradients (grouped
   projection, depthwise convolutions, GELU, norms)."""
   reference = tiny_v2_reference(kind)
-  model, variables = converted(reference)
-  x = rng.standard_normal((3, 64, 64, 3)).astype(np.float32)
-  labels = np.array([1, 5, 9])
-  exact = _reference_gradients(reference, x, labels, torch.float64)
-  torch_float32 = _reference_gradients(reference, x, labels, torch.float32)
-
-  def loss_fn(params):
-    logits = model.apply({"params": params}, x)
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
-
-  got = jax.jit(jax.grad(loss_fn))(variables["params"])
-  assert jax.tree.structure(got) == jax.tree.structure(exact)
-  relative = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float64) - b)
-                                / (np.linalg.norm(b) + 1e-30))
-  for (path, g), w, t in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(exact),
-                             jax.tree.leaves(torch_float32)):
-    error = relative(g, w)
-    assert error < max(2e-5, 10 * relative(t, w)), (jax.tree_util.keystr(path), error,
-                                                   relative(t, w))
+  assert_gradients_match_autograd(reference, *converted(reference), rng)
