@@ -8,10 +8,11 @@
 For each model it times, alternating between the frameworks after warm-up, one batch
 of: the forward pass (JAX: `create_model(name)` under jax.jit; PyTorch: eval mode,
 no_grad) and an AdamW training step (cross-entropy, backward, update), and reports
-the median of the repeats and the JAX/PyTorch ratios. The training step's memory is
-measured in a fresh process per framework: its footprint (peak RSS while steps run
-after warm-up, minus the RSS before the model was built) and its growth above the
-level between steps.
+the median of the repeats and the JAX/PyTorch ratios, with the lowest and highest
+ratio of a single alternation round (a wide spread marks a noisy run). The training
+step's memory is measured in a fresh process per framework: its footprint (peak RSS
+while steps run after warm-up, minus the RSS before the model was built) and its
+growth above the level between steps.
 
 The PyTorch side is our reference (spanet_jax.torch_reference, torch_reference_v2)
 unless --official-file points at the official repository's spanet.py (or spanetv2.py
@@ -286,6 +287,10 @@ def benchmark_model(name: str, args) -> dict:
     for framework, samples in times.items():
       result[f"{framework}_{mode}_img_s"] = args.batch / statistics.median(samples)
     result[f"{mode}_ratio"] = result[f"jax_{mode}_img_s"] / result[f"torch_{mode}_img_s"]
+    # The ratio of each alternation round shows how steady the machine was: a spread
+    # much wider than a few percent means the medians come from a noisy run.
+    rounds = [t / j for j, t in zip(times["jax"], times["torch"])]
+    result[f"{mode}_ratio_range"] = [min(rounds), max(rounds)]
   if not args.no_memory and "train" in args.modes:
     for framework in ("jax", "torch"):
       command = [sys.executable, os.path.abspath(__file__), "--memory-probe", framework, name,
@@ -328,7 +333,7 @@ def main(argv=None) -> None:
   print(f"batch {args.batch}, {args.size}x{args.size}, float32, median of {args.repeats} "
         f"after {args.warmup} warm-up, malloc: {args.malloc}\n")
   header = (f"{'model':<10} {'torch':<9} {'mode':<8} {'jax img/s':>10} {'torch img/s':>12} "
-            f"{'ratio':>6} {'jax compile s':>14}  memory MiB, jax / torch: "
+            f"{'ratio':>6} {'per round':>11} {'jax compile s':>14}  memory MiB, jax / torch: "
             f"footprint, step growth")
   print(header)
   results = []
@@ -342,10 +347,11 @@ def main(argv=None) -> None:
                   f"{result['torch_train_footprint_mib']:.0f}, "
                   f"{result['jax_train_step_growth_mib']:.0f} / "
                   f"{result['torch_train_step_growth_mib']:.0f}")
+      low, high = result[f"{mode}_ratio_range"]
       print(f"{name:<10} {result['torch_model']:<9} {mode:<8} "
             f"{result[f'jax_{mode}_img_s']:>10.2f} {result[f'torch_{mode}_img_s']:>12.2f} "
-            f"{result[f'{mode}_ratio']:>6.2f} {result['jax_compile_s'][mode]:>14.1f}{memory}",
-            flush=True)
+            f"{result[f'{mode}_ratio']:>6.2f} {f'{low:.2f}-{high:.2f}':>11} "
+            f"{result['jax_compile_s'][mode]:>14.1f}{memory}", flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"machine": machine_description(), "args": vars(args), "results": results},

@@ -349,3 +349,28 @@ def test_spectral_analysis_bad_input_writes_nothing(tmp_path, official):
   code, _, stderr = run_main(spectral_analysis.main, "--checkpoint", converted, "--images",
                              photo, "--out", tmp_path / "spectra.txt")
   assert code == 2 and "use a .png" in stderr
+
+
+def test_benchmark_script_reports_both_frameworks_and_memory(tmp_path):
+  """benchmarks/benchmark.py end to end at a small size (timings are not checked, only
+  that every figure is measured and the ratios are the figures' ratios)."""
+  out = tmp_path / "bench.json"
+  result = subprocess.run(
+      [sys.executable, "benchmarks/benchmark.py", "--models", "spanet_s", "--batch", "1",
+       "--size", "64", "--warmup", "0", "--repeats", "2", "--json", str(out)],
+      cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+      timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(r"^spanet_s\s+reference\s+forward\s", result.stdout, re.M), result.stdout
+  assert re.search(r"^spanet_s\s+reference\s+train\s", result.stdout, re.M), result.stdout
+  (measured,) = json.load(open(out))["results"]
+  for mode in ("forward", "train"):
+    jax_rate, torch_rate = measured[f"jax_{mode}_img_s"], measured[f"torch_{mode}_img_s"]
+    assert jax_rate > 0 and torch_rate > 0
+    assert measured[f"{mode}_ratio"] == pytest.approx(jax_rate / torch_rate)
+    low, high = measured[f"{mode}_ratio_range"]  # the median's ratio lies between them
+    assert low * (1 - 1e-9) <= measured[f"{mode}_ratio"] <= high * (1 + 1e-9)
+    assert measured["jax_compile_s"][mode] > 0
+  for framework in ("jax", "torch"):
+    assert measured[f"{framework}_train_footprint_mib"] > 0
+    assert measured[f"{framework}_train_step_growth_mib"] >= 0
