@@ -201,6 +201,8 @@ class SPANet(nn.Module):
   conv_impl: str = "auto"
   # Recompute each block in the backward pass instead of storing its activations.
   remat: bool = False
+  # Run the batch through the backbone as this many independent parts (None: auto).
+  batch_parts: int | None = None
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -219,7 +221,8 @@ class SPANet(nn.Module):
 
   def stage_features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
     """The four stage outputs (B, H/4, W/4, C0) ... (B, H/32, W/32, C3)."""
-    features = self.backbone(x, train)
+    features = layers.in_batch_parts(lambda part: self.backbone(part, train), x,
+                                     self.batch_parts)
     if self.features_only:
       features = tuple(norm(f) for norm, f in zip(self.out_norms, features))
     return features
@@ -227,6 +230,7 @@ class SPANet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False):
     if self.features_only:
       return self.stage_features(x, train)
-    x = self.norm(self.backbone(x, train)[-1])
+    x = layers.in_batch_parts(lambda part: self.backbone(part, train), x, self.batch_parts)
+    x = self.norm(x[-1])
     x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
     return self.head(x) if self.num_classes > 0 else x

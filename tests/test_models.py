@@ -339,7 +339,8 @@ def test_bfloat16_forward_close_to_float32(tiny_variables):
   assert np.linalg.norm(half - full) / np.linalg.norm(full) < 2e-2
   # The spectral filter stays in float32: the low-rank projections (B, 13, C) of the
   # default path, the complex64 spectra of the FFT path.
-  assert "f32[2,13,8]" in str(jax.make_jaxpr(half_model.apply)(variables, x))
+  # (B per part: 1 when the batch runs as two parts, as it does by default on one CPU.)
+  assert re.search(r"f32\[[12],13,8\]", str(jax.make_jaxpr(half_model.apply)(variables, x)))
   fft_model = spanet_jax.create_model(TINY, dtype=jnp.bfloat16, spectral_impl="fft")
   assert "complex64" in str(jax.make_jaxpr(fft_model.apply)(variables, x))
 
@@ -397,6 +398,29 @@ def test_every_implementation_computes_the_default_model(overrides, tiny_variabl
   default = apply(spanet_jax.create_model(TINY), tiny_variables, x)
   other = apply(spanet_jax.create_model(TINY, **overrides), tiny_variables, x)
   np.testing.assert_allclose(other, default, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_parts_compute_the_whole_batch(tiny_variables):
+  """The batch run as independent parts (the default on one CPU device: 2 for an even
+  batch) gives every sample's logits, features and gradients as the whole batch does."""
+  assert layers.batch_parts_for(8, None) == 2 and layers.batch_parts_for(3, None) == 1
+  x = jax.random.normal(jax.random.PRNGKey(3), (4, 64, 64, 3))
+  whole = spanet_jax.create_model(TINY, batch_parts=1)
+  for parts in (None, 2, 4):
+    model = spanet_jax.create_model(TINY, batch_parts=parts)
+    np.testing.assert_allclose(apply(model, tiny_variables, x), apply(whole, tiny_variables, x),
+                               rtol=1e-5, atol=1e-6)
+    features = jax.jit(lambda v, m=model: m.apply(v, x, method="stage_features"))(tiny_variables)
+    expected = jax.jit(lambda v: whole.apply(v, x, method="stage_features"))(tiny_variables)
+    for got, want in zip(features, expected):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    loss = lambda p, m: jnp.sum(m.apply({"params": p}, x, train=True) ** 2)
+    grads = jax.jit(jax.grad(loss), static_argnums=1)(tiny_variables["params"], model)
+    want = jax.jit(jax.grad(loss), static_argnums=1)(tiny_variables["params"], whole)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want)):
+      assert float(jnp.max(jnp.abs(g - w))) <= 1e-5 * float(jnp.max(jnp.abs(w))) + 1e-7, path
+  with pytest.raises(ValueError, match=r"batch_parts=3 must be a positive divisor of the batch \(4\)"):
+    apply(spanet_jax.create_model(TINY, batch_parts=3), tiny_variables, x)
 
 
 def test_default_paths_on_cpu():
