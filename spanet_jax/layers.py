@@ -54,7 +54,7 @@ def in_batch_parts(fn: Callable[[jax.Array], Any], x: jax.Array, parts: int | No
   put back together (every output a pytree of arrays with the batch first).
 
   The parts are independent chains of operations, which XLA:CPU runs side by side: on
-  a 2-core machine a SPANet-S forward pass and training step ran 3-5% faster in two
+  a 2-core machine a SPANet-S forward pass and training step ran 2-5% faster in two
   parts than whole (alternating A/B), as one chain's small operations and reductions
   leave a core idle that the other chain fills. Each sample's result is unchanged (but
   for float32 rounding inside matrix products of another height). Random layers draw
