@@ -230,7 +230,6 @@ class SPANet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False):
     if self.features_only:
       return self.stage_features(x, train)
-    x = layers.in_batch_parts(lambda part: self.backbone(part, train), x, self.batch_parts)
-    x = self.norm(x[-1])
+    x = self.norm(self.stage_features(x, train)[-1])
     x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
     return self.head(x) if self.num_classes > 0 else x

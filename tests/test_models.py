@@ -405,19 +405,20 @@ def test_batch_parts_compute_the_whole_batch(tiny_variables):
   batch) gives every sample's logits, features and gradients as the whole batch does."""
   assert layers.batch_parts_for(8, None) == 2 and layers.batch_parts_for(3, None) == 1
   x = jax.random.normal(jax.random.PRNGKey(3), (4, 64, 64, 3))
+  features = lambda m: apply(m, tiny_variables, x, method="stage_features")
+  loss = lambda p, m: jnp.sum(m.apply({"params": p}, x, train=True) ** 2)
+  grads = lambda m: jax.jit(jax.grad(loss), static_argnums=1)(tiny_variables["params"], m)
   whole = spanet_jax.create_model(TINY, batch_parts=1)
+  whole_logits, whole_features, whole_grads = (apply(whole, tiny_variables, x),
+                                               features(whole), grads(whole))
   for parts in (None, 2, 4):
     model = spanet_jax.create_model(TINY, batch_parts=parts)
-    np.testing.assert_allclose(apply(model, tiny_variables, x), apply(whole, tiny_variables, x),
-                               rtol=1e-5, atol=1e-6)
-    features = jax.jit(lambda v, m=model: m.apply(v, x, method="stage_features"))(tiny_variables)
-    expected = jax.jit(lambda v: whole.apply(v, x, method="stage_features"))(tiny_variables)
-    for got, want in zip(features, expected):
+    np.testing.assert_allclose(apply(model, tiny_variables, x), whole_logits, rtol=1e-5,
+                               atol=1e-6)
+    for got, want in zip(features(model), whole_features):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    loss = lambda p, m: jnp.sum(m.apply({"params": p}, x, train=True) ** 2)
-    grads = jax.jit(jax.grad(loss), static_argnums=1)(tiny_variables["params"], model)
-    want = jax.jit(jax.grad(loss), static_argnums=1)(tiny_variables["params"], whole)
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want)):
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads(model)),
+                            jax.tree.leaves(whole_grads)):
       assert float(jnp.max(jnp.abs(g - w))) <= 1e-5 * float(jnp.max(jnp.abs(w))) + 1e-7, path
   with pytest.raises(ValueError, match=r"batch_parts=3 must be a positive divisor of the batch \(4\)"):
     apply(spanet_jax.create_model(TINY, batch_parts=3), tiny_variables, x)

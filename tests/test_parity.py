@@ -5,7 +5,6 @@ with identical top-1; float32 rounding gives about 1e-6 here.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

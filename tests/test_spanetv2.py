@@ -4,7 +4,6 @@ Tolerance as for SPANet: relative L2 difference of logits (and stage features) a
 2e-5 with identical top-1; float32 rounding gives about 1e-6.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
