@@ -221,8 +221,12 @@ class SPANet(nn.Module):
 
   def stage_features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
     """The four stage outputs (B, H/4, W/4, C0) ... (B, H/32, W/32, C3)."""
-    features = layers.in_batch_parts(lambda part: self.backbone(part, train), x,
-                                     self.batch_parts)
+    parts = self.batch_parts
+    if parts is None and self.is_mutable_collection("intermediates"):
+      # Captured or sown intermediates then hold the whole batch, one entry per call,
+      # as they would without parts (each part records its own otherwise).
+      parts = 1
+    features = layers.in_batch_parts(lambda part: self.backbone(part, train), x, parts)
     if self.features_only:
       features = tuple(norm(f) for norm, f in zip(self.out_norms, features))
     return features

@@ -424,6 +424,24 @@ def test_batch_parts_compute_the_whole_batch(tiny_variables):
     apply(spanet_jax.create_model(TINY, batch_parts=3), tiny_variables, x)
 
 
+def test_captured_intermediates_hold_the_whole_batch(tiny_variables):
+  """With batch_parts left to auto, capture_intermediates records each block once, for
+  the whole batch, as a model without parts does; an explicit count records each part."""
+  x = jax.random.normal(jax.random.PRNGKey(4), (4, 32, 32, 3))
+  captured = lambda model: model.apply(tiny_variables, x, capture_intermediates=True,
+                                       mutable=["intermediates"])[1]["intermediates"]
+  block = lambda tree: tree["backbone"]["stage0_block0"]["__call__"]
+  whole = captured(spanet_jax.create_model(TINY, batch_parts=1))
+  auto = captured(spanet_jax.create_model(TINY))
+  assert jax.tree.structure(auto) == jax.tree.structure(whole)
+  (auto_block,), (whole_block,) = block(auto), block(whole)
+  assert auto_block.shape[0] == 4
+  np.testing.assert_allclose(auto_block, whole_block, rtol=1e-5, atol=1e-6)
+  parts = block(captured(spanet_jax.create_model(TINY, batch_parts=2)))
+  assert [p.shape[0] for p in parts] == [2, 2]
+  np.testing.assert_allclose(jnp.concatenate(parts), whole_block, rtol=1e-5, atol=1e-6)
+
+
 def test_default_paths_on_cpu():
   from spanet_jax import spanet
   assert spanet.SPAM(radius=2, mask_size=(56, 56))._spectral_impl() == "lowrank"
