@@ -171,6 +171,43 @@ class SingleGroupNorm(nn.Module):
     return y.astype(self.dtype or jnp.result_type(x, scale, bias))
 
 
+class ChannelLayerNorm(nn.Module):
+  """LayerNorm over the last axis: nn.LayerNorm(use_fast_variance=False)'s function and
+  parameters ("scale", and "bias" if use_bias), statistics in at least float32.
+
+  On CPU the two means over channels are products with a (C, 1) column of 1 / C rather
+  than reductions: XLA:CPU hands a last-axis reduction to YNNPACK together with every
+  product and elementwise operation around it as one graph, with each broadcast
+  constant in it (the GELU's and ReLU's scalars, the norm's epsilon) written out as a
+  full-size array first; SPANetV2-S18's forward pass ran 6% faster with the products.
+  """
+  epsilon: float = 1e-6
+  use_bias: bool = True
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+    bias = (self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+            if self.use_bias else None)
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    values = x.astype(dtype)
+    if jax.default_backend() == "cpu":
+      column = jnp.full((channels, 1), 1.0 / channels, dtype)
+      channel_mean = lambda y: y @ column
+    else:
+      channel_mean = lambda y: jnp.mean(y, axis=-1, keepdims=True)
+    centred = values - channel_mean(values)
+    inv_std = jax.lax.rsqrt(channel_mean(jnp.square(centred)) + self.epsilon)
+    y = centred * inv_std * scale.astype(dtype)
+    if bias is not None:
+      y = y + bias.astype(dtype)
+    params = (scale,) if bias is None else (scale, bias)
+    return y.astype(self.dtype or jnp.result_type(x, *params))
+
+
 _INV_SQRT2 = np.float32(1.0 / np.sqrt(2.0))
 _INV_SQRT_2PI = np.float32(1.0 / np.sqrt(2.0 * np.pi))
 

@@ -28,9 +28,10 @@ def _dense(features: int, use_bias: bool, dtype, param_dtype, name: str) -> nn.D
                   dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def _layer_norm(use_bias: bool, epsilon: float, dtype, param_dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=epsilon, use_bias=use_bias, use_fast_variance=False,
-                      dtype=dtype, param_dtype=param_dtype, name=name)
+def _layer_norm(use_bias: bool, epsilon: float, dtype, param_dtype,
+                name: str | None) -> layers.ChannelLayerNorm:
+  return layers.ChannelLayerNorm(epsilon=epsilon, use_bias=use_bias, dtype=dtype,
+                                 param_dtype=param_dtype, name=name)
 
 
 class StarReLU(nn.Module):

@@ -134,6 +134,36 @@ def test_grouped_projection_and_its_gradient_match_the_einsum(shape, rng):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_channel_layer_norm_is_flax_layer_norm(use_bias, rng):
+  """ChannelLayerNorm (means as products on CPU) against nn.LayerNorm: the same
+  parameters, values and gradients to float32 rounding, and bfloat16 in and out. The
+  input has a large common offset, where a careless variance loses digits."""
+  from flax import linen as nn
+  x = jnp.asarray(rng.standard_normal((2, 5, 7, 24)) * 3 + 40, jnp.float32)
+  ours = layers.ChannelLayerNorm(epsilon=1e-6, use_bias=use_bias)
+  flax_norm = nn.LayerNorm(epsilon=1e-6, use_bias=use_bias, use_fast_variance=False)
+  variables = flax_norm.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(ours.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(variables)
+  params = {"scale": jnp.asarray(rng.standard_normal(24), jnp.float32)}
+  if use_bias:
+    params["bias"] = jnp.asarray(rng.standard_normal(24), jnp.float32)
+  variables = {"params": params}
+  np.testing.assert_allclose(jax.jit(ours.apply)(variables, x), flax_norm.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  probe = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  loss = lambda module: lambda v, x: jnp.sum(module.apply(v, x) * probe)
+  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(variables, x)
+  want = jax.grad(loss(flax_norm), argnums=(0, 1))(variables, x)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=str(path))
+  half = lambda module: module.clone(dtype=jnp.bfloat16).apply(variables,
+                                                               x.astype(jnp.bfloat16))
+  assert half(ours).dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(half(ours), np.float32),
+                             np.asarray(half(flax_norm), np.float32), rtol=2e-2, atol=2e-2)
+
+
 # ---------------------------------------------------------------------------------------
 # Parity with the reference and the converter.
 
