@@ -136,9 +136,8 @@ class Attention(nn.Module):
     dense = lambda features, name: _dense(features, False, self.dtype, self.param_dtype, name)
     qkv = dense(3 * inner, "qkv")(x).reshape(batch, height * width, 3, heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (self.head_dim ** -0.5)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, height, width, inner)
+    out = layers.dot_product_attention(q, k, v, self.head_dim ** -0.5).reshape(
+        batch, height, width, inner)
     if self.mix:
       if inner != channels:
         raise ValueError(f"MixAttention needs channels divisible by {self.head_dim}")

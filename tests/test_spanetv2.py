@@ -164,6 +164,25 @@ def test_channel_layer_norm_is_flax_layer_norm(use_bias, rng):
                              np.asarray(half(flax_norm), np.float32), rtol=2e-2, atol=2e-2)
 
 
+def test_attention_forms_agree(rng):
+  """dot_product_attention (keys first, divided after the product, on CPU) against the
+  plain softmax form: values, gradients of q, k and v, and bfloat16."""
+  q, k, v, probe = (jnp.asarray(rng.standard_normal((2, 49, 3, 8)) * 2, jnp.float32)
+                    for _ in range(4))
+  plain = lambda q, k, v: layers._softmax_attention(q, k, v, 8 ** -0.5)
+  ours = lambda q, k, v: layers.dot_product_attention(q, k, v, 8 ** -0.5)
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
+  loss = lambda fn: lambda *args: jnp.sum(fn(*args) * probe)
+  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  half = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+  assert ours(*half).dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(ours(*half), np.float32),
+                             np.asarray(plain(*half), np.float32), rtol=3e-2, atol=3e-2)
+
+
 # ---------------------------------------------------------------------------------------
 # Parity with the reference and the converter.
 
