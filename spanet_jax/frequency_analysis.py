@@ -54,7 +54,7 @@ def mean_log_amplitude_maps(model, variables, images: jax.Array) -> dict[str, ja
       name = name[:-len("/__call__")]
     spectrum = jnp.fft.fft2(value.astype(jnp.float32), axes=(1, 2))
     log_amplitude = jnp.log(jnp.abs(spectrum) + LOG_EPS)
-    # A model that runs the batch in parts (SPANet's batch_parts) records each part.
+    # A SPANet given an explicit batch_parts > 1 records each part separately.
     maps[name] = maps.get(name, 0.0) + jnp.sum(jnp.mean(log_amplitude, axis=-1), axis=0)
   return maps
 
