@@ -192,9 +192,8 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   crop_pct = config.crop_pct if config.crop_pct > 0 else info.crop_pct
   eval_data = preprocess.DataConfig(config.image_size, crop_pct, info.mean, info.std,
                                     info.interpolation)
-  local_batch = config.batch_size // processes
   eval_local_batch = (config.eval_batch_size or config.batch_size) // processes
-  steps_per_epoch = train_source.num_examples // processes // local_batch
+  steps_per_epoch = data.steps_per_epoch(train_source, config.batch_size)
   if steps_per_epoch == 0:
     raise ConfigError(f"config.batch_size={config.batch_size} exceeds the "
                       f"{train_source.num_examples} training examples")
@@ -282,8 +281,8 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   signal.signal(signal.SIGTERM, on_sigterm)
 
   step = int(jax.device_get(state.step))
-  batches = data.train_batches(train_source, config, local_batch, info.mean, info.std, step,
-                               process, processes)
+  batches = data.train_batches(train_source, config, config.batch_size, info.mean, info.std,
+                               step, process, processes)
   print(f"training {config.model} on {config.dataset if not config.folder else config.folder}: "
         f"{train_source.num_examples} images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
         f"global batch {config.batch_size} on {jax.device_count()} devices", flush=True)

@@ -2,18 +2,18 @@
 class-per-folder tree, and `sklearn_digits`, a small real dataset prepared from
 scikit-learn on first use (the demo's).
 
-Each process reads only its own share (tfds.split_for_jax_process). Training batches
-are deterministic functions of (seed, epoch, position), so a resumed run continues
-with exactly the batches it would have seen.
+Every source is read by example index with the images still encoded: a folder's
+files, or a TFDS dataset stored as ArrayRecord. Each process reads only its own share.
+Training batches are deterministic functions of (seed, epoch, position), so a resumed
+run continues with exactly the batches it would have seen, at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds  # noqa: E402  pylint: disable=g-import-not-a
 
 tf.config.set_visible_devices([], "GPU")
 
-from spanet_jax import preprocess, randaugment  # noqa: E402  pylint: disable=g-import-not-at-top
+from spanet_jax import preprocess, transforms  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 class DataError(Exception):
@@ -35,7 +35,8 @@ class DataError(Exception):
 class SklearnDigits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's 1,797 handwritten digits (8x8 grey), split 1,437 train / 360 test."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Stored as ArrayRecord (random access by index)."}
 
   def _info(self):
     return self.dataset_info_from_configs(
@@ -62,27 +63,55 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
 
 @dataclasses.dataclass(frozen=True)
+class FolderTree:
+  """A class-per-folder tree: root/<split>/<class>/<image>, classes in sorted order."""
+  root: str
+  classes: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Source:
-  """A dataset split: a TFDS builder's, or a list of (image path, label)."""
-  builder: tfds.core.DatasetBuilder | None
-  split: str
+  """A dataset split with random access by example index: image files (a folder tree)
+  or the records of a TFDS dataset stored as ArrayRecord. Images stay encoded."""
+  name: str  # for messages: "imagenet2012:train", or the split's folder
   num_examples: int  # in the whole split, over all processes
-  files: tuple[tuple[str, int], ...] | None = None
+  files: tuple[tuple[str, int], ...] | None = None  # (path, label), for folders
+  records: Any = None  # a TFDS data source (image bytes undecoded), for TFDS datasets
+  image_key: str = "image"
+  label_key: str = "label"
+
+  def read(self, index):
+    """(encoded image bytes, int32 label) of example `index` (a scalar int64 tensor)."""
+    if self.files is not None:
+      paths = tf.constant([path for path, _ in self.files] or [""], tf.string)
+      labels = tf.constant([label for _, label in self.files] or [0], tf.int32)
+      return tf.io.read_file(tf.gather(paths, index)), tf.gather(labels, index)
+
+    def read_record(i):
+      record = self.records[int(i)]
+      return record[self.image_key], np.int32(record[self.label_key])
+
+    encoded, label = tf.numpy_function(read_record, [index], [tf.string, tf.int32],
+                                       stateful=False)
+    return tf.ensure_shape(encoded, ()), tf.ensure_shape(label, ())
 
 
-def make_builder(config) -> tfds.core.DatasetBuilder:
+def make_builder(config):
+  """The dataset `config` names: a FolderTree for `config.folder`, else a TFDS builder
+  (prepared as ArrayRecord on first use)."""
   data_dir = config.data_dir or None
   if config.folder:
     if not os.path.isdir(config.folder):
       raise DataError(f"no such folder: {config.folder} (expected {config.folder}/train/<class>/"
                       f"*.JPEG and {config.folder}/val/<class>/*)")
-    return tfds.ImageFolder(config.folder)
+    train = os.path.join(config.folder, config.train_split)
+    return FolderTree(config.folder, tuple(folder_classes(train)))
   if config.dataset == "sklearn_digits":
-    builder = SklearnDigits(data_dir=data_dir)
+    builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
     return builder
   try:
-    builder = tfds.builder(config.dataset, data_dir=data_dir)
+    builder = tfds.builder(config.dataset, data_dir=data_dir, file_format="array_record")
   except tfds.core.registered.DatasetNotFoundError as err:
     raise DataError(f"TFDS has no dataset {config.dataset!r}: {str(err).splitlines()[0]}") from None
   if not builder.is_prepared():
@@ -103,6 +132,8 @@ def make_builder(config) -> tfds.core.DatasetBuilder:
 
 def class_names(builder) -> list[str] | None:
   """The dataset's class names in label order, when it declares them."""
+  if isinstance(builder, FolderTree):
+    return list(builder.classes)
   try:
     return list(builder.info.features["label"].names)
   except (KeyError, AttributeError, TypeError):
@@ -110,130 +141,87 @@ def class_names(builder) -> list[str] | None:
 
 
 def make_source(builder, split: str) -> Source:
+  """A split of a FolderTree or a TFDS builder, with random access."""
+  if isinstance(builder, FolderTree):
+    folder = os.path.join(builder.root, split)
+    if not os.path.isdir(folder) and split == "validation":
+      folder = os.path.join(builder.root, "val")
+    return folder_source(folder, {name: i for i, name in enumerate(builder.classes)})
   if split not in builder.info.splits:
     raise DataError(f"split {split!r} not in {builder.info.name}: "
                     f"{', '.join(sorted(builder.info.splits))}")
-  return Source(builder, split, builder.info.splits[split].num_examples)
+  formats = [builder.info.file_format] + list(
+      getattr(builder.info, "alternative_file_formats", None) or [])
+  if not any(str(getattr(f, "value", f)) == "array_record" for f in formats):
+    raise DataError(
+        f"{builder.info.name} in {builder.data_dir} is stored as "
+        f"{getattr(builder.info.file_format, 'value', builder.info.file_format)}; training "
+        f"reads examples by index, which needs ArrayRecord. Convert it once with: tfds "
+        f"convert_format --dataset_version_dir={builder.data_dir} "
+        f"--out_file_format=array_record")
+  supervised = builder.info.supervised_keys
+  image_key, label_key = supervised if supervised else ("image", "label")
+  records = builder.as_data_source(split, decoders={image_key: tfds.decode.SkipDecoding()},
+                                   file_format="array_record")
+  return Source(f"{builder.info.name}:{split}", len(records), records=records,
+                image_key=image_key, label_key=label_key)
 
 
-def _image_and_label(*example):
-  """(image, label) from a supervised tuple or a features dict."""
-  if len(example) == 2:
-    return example
-  return example[0]["image"], example[0]["label"]
+def steps_per_epoch(source: Source, global_batch: int) -> int:
+  """Full global batches per epoch; the remainder of each epoch's order is left out."""
+  return source.num_examples // global_batch
 
 
-def _to_rgb_float(image):
-  image = tf.convert_to_tensor(image)
-  # Grey images become RGB; RGBA loses alpha (channel count may be known only at run time).
-  image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]),
-                  lambda: image[..., :3])
-  image = tf.ensure_shape(image, [None, None, 3])
-  return tf.cast(image, tf.float32) / 255.0
+def train_positions(step: int, global_batch: int, local_batch: int, process_index: int):
+  """The epoch positions this process's rows of global batch `step` (within its epoch)
+  take: the global batch is positions [step * global_batch, (step + 1) * global_batch),
+  in process order. They depend on the global batch only, so the data a step sees is
+  the same for any number of processes."""
+  first = step * global_batch + process_index * local_batch
+  return range(first, first + local_batch)
 
 
-def _normalize(image, mean, std):
-  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
-
-
-def train_preprocess(image, seed, config, mean, std):
-  """Random resized crop (scale, ratio), horizontal flip, RandAugment, normalise, random
-  erasing. Stateless: `seed`."""
-  image = _to_rgb_float(image)
-  crop_seed, flip_seed, erase_seed, augment_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 4))
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=(1, 1, 4)),
-      seed=crop_seed, min_object_covered=0.0, aspect_ratio_range=list(config.crop_ratio),
-      area_range=list(config.crop_scale), max_attempts=10, use_image_if_no_bounding_boxes=True)
-  image = tf.slice(image, begin, size)
-  image = tf.image.resize(image, (config.image_size, config.image_size), method="bicubic")
-  flip = tf.random.stateless_uniform((), flip_seed) < config.hflip
-  image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
-  if config.randaugment:
-    # On 8-bit values, as timm applies it to the PIL image.
-    pixels = tf.round(tf.clip_by_value(image * 255.0, 0.0, 255.0))
-    spec = randaugment.RandAugmentSpec(config.randaugment)
-    image = randaugment.rand_augment(pixels, augment_seed, spec) / 255.0
-  image = _normalize(image, mean, std)
-  return random_erasing(image, erase_seed, config.random_erasing)
-
-
-def random_erasing(image, seed, probability: float, area=(0.02, 1 / 3),
-                   log_ratio=(math.log(0.3), math.log(1 / 0.3)), max_attempts: int = 10):
-  """timm's RandomErasing (mode "pixel") on a normalised image: with `probability`, one
-  box of area and aspect ratio drawn from the ranges is filled with N(0, 1) noise per
-  pixel and channel. Stateless: `seed`."""
-  if probability <= 0:
-    return image
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  seeds = tf.random.experimental.stateless_split(seed, 3 + max_attempts)
-  apply = tf.random.stateless_uniform((), seeds[0]) < probability
-  total = tf.cast(height * width, tf.float32)
-  box = tf.constant([0, 0, 0, 0], tf.int32)
-  found = tf.constant(False)
-  for attempt in range(max_attempts):  # first box that fits wins, as in timm
-    draws = tf.random.stateless_uniform((4,), seeds[3 + attempt])
-    target = total * (area[0] + (area[1] - area[0]) * draws[0])
-    ratio = tf.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * draws[1])
-    h = tf.cast(tf.round(tf.sqrt(target * ratio)), tf.int32)
-    w = tf.cast(tf.round(tf.sqrt(target / ratio)), tf.int32)
-    fits = (h < height) & (w < width) & (h > 0) & (w > 0)
-    top = tf.cast(draws[2] * tf.cast(tf.maximum(height - h + 1, 1), tf.float32), tf.int32)
-    left = tf.cast(draws[3] * tf.cast(tf.maximum(width - w + 1, 1), tf.float32), tf.int32)
-    take = fits & ~found
-    box = tf.where(take, tf.stack([top, left, h, w]), box)
-    found = found | fits
-  rows = tf.range(height)[:, None]
-  cols = tf.range(width)[None, :]
-  inside = ((rows >= box[0]) & (rows < box[0] + box[2]) &
-            (cols >= box[1]) & (cols < box[1] + box[3]))
-  erase = inside & apply & found
-  noise = tf.random.stateless_normal(tf.shape(image), seeds[1])
-  return tf.where(erase[..., None], noise, image)
-
-
-def _process_split(source: Source, process_index: int, process_count: int,
-                   decode: bool = True):
-  """This process's share of the split; with decode=False images stay encoded bytes."""
-  supervised = source.builder.info.supervised_keys is not None
-  decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
-  if isinstance(source.builder, tfds.ImageFolder):  # it has no sub-split API
-    ds = source.builder.as_dataset(split=source.split, shuffle_files=False,
-                                   as_supervised=supervised, decoders=decoders)
-    return ds.shard(process_count, process_index) if process_count > 1 else ds
-  split = tfds.even_splits(source.split, n=process_count, drop_remainder=False)[process_index]
-  return source.builder.as_dataset(split=split, shuffle_files=False, as_supervised=supervised,
-                                   decoders=decoders)
-
-
-def train_batches(source: Source, config, local_batch: int, mean, std, start_step: int,
+def train_batches(source: Source, config, global_batch: int, mean, std, start_step: int,
                   process_index: int, process_count: int) -> Iterator[dict]:
-  """Endless training batches for this process, starting at global step `start_step`."""
-  base = _process_split(source, process_index, process_count).map(_image_and_label)
-  per_process = source.num_examples // process_count
-  steps_per_epoch = per_process // local_batch
-  if steps_per_epoch == 0:
-    raise DataError(f"the batch ({local_batch} per process) is larger than the training split "
-                    f"({per_process} examples per process)")
-  epoch, skip = divmod(start_step, steps_per_epoch)
-  while True:
-    ds = base.take(per_process).cache() if source.num_examples < 100_000 else base
-    ds = ds.shuffle(min(config.shuffle_buffer, per_process), seed=config.seed + epoch,
-                    reshuffle_each_iteration=False)
-    ds = ds.enumerate()
-    seed_base = tf.constant([config.seed, epoch], tf.int64)
+  """Endless training batches for this process, from global step `start_step` on.
 
-    def prepare(index, example, seed_base=seed_base):
-      image, label = example
-      seed = tf.cast(tf.stack([seed_base[0] * 1_000_003 + seed_base[1], index]), tf.int64)
-      return {"image": train_preprocess(image, seed, config, mean, std),
-              "label": tf.cast(label, tf.int32)}
+  Each epoch visits the examples in a fresh pseudo-random order (a stateless index
+  shuffle of (seed, epoch)): example `order(p)` fills position p, and global step s of
+  an epoch takes positions [s * B, (s + 1) * B) of the global batch B, each process its
+  consecutive share. Every draw of the augmentation comes from (seed, epoch, position).
+  So a restart at any step builds the same batches at the cost of a fresh start (no
+  replay), and the batches do not depend on the number of processes. Host memory holds
+  encoded images and a few prepared batches, never a shuffle buffer of decoded images.
+  """
+  if global_batch % process_count:
+    raise DataError(f"the global batch {global_batch} does not divide over "
+                    f"{process_count} processes")
+  local_batch = global_batch // process_count
+  steps = steps_per_epoch(source, global_batch)
+  if steps == 0:
+    raise DataError(f"the global batch ({global_batch}) is larger than the training split "
+                    f"({source.num_examples} examples)")
+  num_examples = source.num_examples
 
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True).skip(skip).prefetch(config.prefetch)
-    yield from tfds.as_numpy(ds)
-    epoch, skip = epoch + 1, 0
+  def example(counter):
+    # counter enumerates this process's rows: row j of global step s is s * L + j.
+    step, row = counter // local_batch, counter % local_batch
+    epoch, step_in_epoch = step // steps, step % steps
+    position = step_in_epoch * global_batch + process_index * local_batch + row
+    order_seed = tf.stack([tf.constant(config.seed, tf.int64), epoch])
+    index = tf.random.experimental.index_shuffle(position, order_seed, num_examples - 1)
+    encoded, label = source.read(index)
+    seed = tf.stack([tf.constant(config.seed, tf.int64) * 1_000_003 + epoch, position])
+    return {"image": transforms.train_transform(encoded, seed, config, mean, std),
+            "label": label}
+
+  ds = tf.data.Dataset.range(start_step * local_batch, np.iinfo(np.int64).max)
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(config.prefetch)
+  options = tf.data.Options()
+  options.threading.max_intra_op_parallelism = 1  # parallel over images, not inside ops
+  options.experimental_optimization.map_parallelization = True
+  yield from tfds.as_numpy(ds.with_options(options))
 
 
 def eval_batches(source: Source, data_config: preprocess.DataConfig, local_batch: int,
@@ -247,19 +235,14 @@ def eval_batches(source: Source, data_config: preprocess.DataConfig, local_batch
   model scores here what it scores in the official pipeline. All processes yield the same
   number of batches (collectives need it).
   """
+  indices = np.arange(process_index, source.num_examples, process_count, dtype=np.int64)
   if source.files is not None:
-    mine = source.files[process_index::process_count]
-    ds = tf.data.Dataset.from_tensor_slices((
-        [path for path, _ in mine] or tf.zeros((0,), tf.string),
-        tf.constant([label for _, label in mine], tf.int32)))
-    ds = ds.map(lambda path, label: (tf.io.read_file(path), label, path))
-  else:
-    prefix = f"{source.builder.info.name}:{source.split} #"
-    if process_count > 1:  # positions count within this process's share
-      prefix = f"{source.builder.info.name}:{source.split} (process {process_index}) #"
-    ds = _process_split(source, process_index, process_count, decode=False)
-    ds = ds.map(_image_and_label).enumerate().map(
-        lambda i, example: (example[0], example[1], prefix + tf.strings.as_string(i)))
+    names = [source.files[i][0] for i in indices]
+  else:  # positions count within the whole split
+    names = [f"{source.name} #{i}" for i in indices]
+  ds = tf.data.Dataset.from_tensor_slices(
+      (indices, tf.constant(names, tf.string) if names else tf.zeros((0,), tf.string)))
+  ds = ds.map(lambda index, name: (*source.read(index), name))
   size = data_config.input_size
 
   def prepare(encoded, label, name):
@@ -326,7 +309,7 @@ def folder_source(root: str, class_index: dict[str, int]) -> Source:
                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
   if not files:
     raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/")
-  return Source(builder=None, split=root, num_examples=len(files), files=tuple(files))
+  return Source(root, len(files), files=tuple(files))
 
 
 def _pad(batch: dict, size: int) -> dict:

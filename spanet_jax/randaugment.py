@@ -15,7 +15,7 @@ import re
 import tensorflow as tf
 
 MAX_LEVEL = 10.0
-FILL = (128.0, 128.0, 128.0)
+FILL = 128.0  # timm's fill, (128, 128, 128)
 
 
 class RandAugmentSpec:
@@ -48,9 +48,17 @@ def _blend(degenerate, image, factor):
 
 
 def _grey(image):
-  # ITU-R 601-2 luma, as PIL's convert("L") (rounded like PIL's integer result).
-  return tf.round(tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), -1,
-                                keepdims=True))
+  # ITU-R 601-2 luma, as PIL's convert("L") (rounded like PIL's integer result). A
+  # product with the weights: tf.data's reductions over a last axis of 3 are slow.
+  pixels = tf.reshape(image, (-1, 3))
+  luma = tf.matmul(pixels, tf.constant([[0.299], [0.587], [0.114]]))
+  return tf.round(tf.reshape(luma, tf.concat([tf.shape(image)[:-1], [1]], 0)))
+
+
+def _select(condition, yes, no):
+  # tf.where on image-sized operands is several times slower than this in tf.data's
+  # CPU kernels (SelectV2's broadcasting path).
+  return no + tf.cast(condition, no.dtype) * (yes - no)
 
 
 def auto_contrast(image):
@@ -58,7 +66,7 @@ def auto_contrast(image):
   high = tf.reduce_max(image, axis=(0, 1), keepdims=True)
   scale = 255.0 / tf.maximum(high - low, 1e-6)
   stretched = tf.clip_by_value(tf.floor((image - low) * scale), 0.0, 255.0)
-  return tf.where(high > low, stretched, image)
+  return _select(high > low, stretched, image)
 
 
 def equalize(image):
@@ -85,25 +93,25 @@ def posterize(image, bits):
 
 
 def solarize(image, threshold):
-  return tf.where(image < threshold, image, 255.0 - image)
+  return _select(image < threshold, image, 255.0 - image)
 
 
 def solarize_add(image, addition, threshold=128.0):
-  return tf.where(image < threshold, tf.minimum(image + addition, 255.0), image)
+  return _select(image < threshold, tf.minimum(image + addition, 255.0), image)
 
 
 def color(image, factor):
-  return _blend(tf.tile(_grey(image), [1, 1, 3]), image, factor)
+  return _blend(_grey(image), image, factor)
 
 
 def contrast(image, factor):
   # PIL: blend with the mean of the grey image (its histogram mean, rounded).
   mean = tf.floor(tf.reduce_mean(_grey(image)) + 0.5)
-  return _blend(tf.fill(tf.shape(image), mean), image, factor)
+  return _blend(mean, image, factor)
 
 
 def brightness(image, factor):
-  return _blend(tf.zeros_like(image), image, factor)
+  return tf.clip_by_value(factor * image, 0.0, 255.0)
 
 
 def sharpness(image, factor):
@@ -112,12 +120,7 @@ def sharpness(image, factor):
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
   smooth = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "VALID")[0]
   smooth = tf.round(smooth)
-  smooth = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  rows = tf.range(height)[:, None]
-  cols = tf.range(width)[None, :]
-  interior = (rows > 0) & (rows < height - 1) & (cols > 0) & (cols < width - 1)
-  degenerate = tf.where(interior[..., None], smooth, image)
+  degenerate = image + tf.pad(smooth - image[1:-1, 1:-1], [[1, 1], [1, 1], [0, 0]])
   return _blend(degenerate, image, factor)
 
 
@@ -126,13 +129,9 @@ def _transform(image, matrix):
   output pixel (x, y) reads input (a x + b y + c, d x + e y + f). Matches PIL but for
   the occasional edge row or column (tested)."""
   transform = tf.reshape(tf.concat([matrix, [0.0, 0.0]], 0), [1, 8])
-  channels = []
-  for c in range(3):  # one fill value per channel
-    channels.append(tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None, ..., c:c + 1], transforms=transform,
-        output_shape=tf.shape(image)[:2], fill_value=FILL[c], interpolation="NEAREST",
-        fill_mode="CONSTANT")[0])
-  return tf.concat(channels, -1)
+  return tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=transform, output_shape=tf.shape(image)[:2],
+      fill_value=FILL, interpolation="NEAREST", fill_mode="CONSTANT")[0]
 
 
 def rotate(image, degrees):
@@ -198,6 +197,7 @@ NUM_OPS = 15
 def rand_augment(image, seed, spec: RandAugmentSpec):
   """Apply the policy to a float (H, W, 3) image in [0, 255]; stateless in `seed`."""
   seeds = tf.random.experimental.stateless_split(seed, 4 * spec.num_layers)
+  shape = image.shape
   for layer in range(spec.num_layers):
     op_seed, prob_seed, level_seed, sign_seed = (seeds[4 * layer + i] for i in range(4))
     op = tf.random.stateless_uniform((), op_seed, 0, NUM_OPS, dtype=tf.int32)
@@ -205,7 +205,11 @@ def rand_augment(image, seed, spec: RandAugmentSpec):
     if spec.magnitude_std > 0:
       level = level + spec.magnitude_std * tf.random.stateless_normal((), level_seed)
     level = tf.clip_by_value(tf.cast(level, tf.float32), 0.0, MAX_LEVEL)
-    applied = tf.switch_case(op, _ops(image, level, sign_seed))
     apply = tf.random.stateless_uniform((), prob_seed) < 0.5
-    image = tf.ensure_shape(tf.where(apply, applied, image), image.shape)
+    # Only the drawn op runs, and only when its coin says so.
+    image = tf.cond(apply,
+                    lambda image=image, level=level, sign_seed=sign_seed, op=op:
+                    tf.switch_case(op, _ops(image, level, sign_seed)),
+                    lambda image=image: image)
+    image = tf.ensure_shape(image, shape)
   return image
