@@ -248,7 +248,8 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
                                         if config.ema_decay > 0 else None))
 
   train_fn = jax.jit(
-      lambda s, b: trainer.train_step(s, b, model=model, optimizer=optimizer, config=config),
+      lambda s, b: trainer.train_step(s, b, model=model, optimizer=optimizer, config=config,
+                                      mean=info.mean, std=info.std),
       in_shardings=(state_sharding, partitioning.batch),
       out_shardings=(state_sharding, partitioning.replicated), donate_argnums=(0,))
   eval_fn = jax.jit(lambda p, b: trainer.eval_step(p, b, model=model),
@@ -281,8 +282,8 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   signal.signal(signal.SIGTERM, on_sigterm)
 
   step = int(jax.device_get(state.step))
-  batches = data.train_batches(train_source, config, config.batch_size, info.mean, info.std,
-                               step, process, processes)
+  batches = data.train_batches(train_source, config, config.batch_size, step, process,
+                               processes)
   print(f"training {config.model} on {config.dataset if not config.folder else config.folder}: "
         f"{train_source.num_examples} images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
         f"global batch {config.batch_size} on {jax.device_count()} devices", flush=True)

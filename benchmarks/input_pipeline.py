@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402,F401  pylint: disable=unused-import  (train.py's process has it)
 
-import spanet_jax  # noqa: E402
 from spanet_jax import data  # noqa: E402
 
 
@@ -55,12 +54,10 @@ def main(argv=None) -> int:
   if args.folder:
     config.folder = args.folder
   config.batch_size = args.batch
-  info = spanet_jax.model_info(config.model)
   try:
     start = time.perf_counter()
     source = data.make_source(data.make_builder(config), config.train_split)
-    batches = data.train_batches(source, config, config.batch_size, info.mean, info.std,
-                                 args.start_step, 0, 1)
+    batches = data.train_batches(source, config, config.batch_size, args.start_step, 0, 1)
     times = []
     for _ in range(args.batches):
       batch = next(batches)

@@ -1,10 +1,52 @@
-"""Batch-level augmentation on device: mixup and cutmix with label smoothing (timm's
-Mixup semantics: one lambda per batch, the batch mixed with its reverse)."""
+"""The device half of the training transform: normalisation and timm's random erasing
+per image, then mixup and cutmix with label smoothing (timm's Mixup semantics: one
+lambda per batch, the batch mixed with its reverse)."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+  """uint8 (or 0-255 float) NHWC images -> (x / 255 - mean) / std, float32."""
+  scale = jnp.asarray([1.0 / (255.0 * s) for s in std], jnp.float32)
+  offset = jnp.asarray([-m / s for m, s in zip(mean, std)], jnp.float32)
+  return images.astype(jnp.float32) * scale + offset
+
+
+def random_erasing(key: jax.Array, images: jax.Array, probability: float,
+                   area=(0.02, 1 / 3), log_ratio=(math.log(0.3), math.log(1 / 0.3)),
+                   attempts: int = 10) -> jax.Array:
+  """timm's RandomErasing (mode "pixel", one box) on normalised NHWC images: each image,
+  with `probability`, gets one box whose area fraction and aspect ratio are drawn from
+  the ranges (the first of `attempts` draws that fits) filled with N(0, 1) noise per
+  pixel and channel."""
+  if probability <= 0:
+    return images
+  batch, height, width, _ = images.shape
+  k_apply, k_box, k_noise = jax.random.split(key, 3)
+  apply = jax.random.uniform(k_apply, (batch,)) < probability
+  draws = jax.random.uniform(k_box, (batch, attempts, 4))
+  target = height * width * (area[0] + (area[1] - area[0]) * draws[..., 0])
+  ratio = jnp.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * draws[..., 1])
+  h = jnp.round(jnp.sqrt(target * ratio)).astype(jnp.int32)
+  w = jnp.round(jnp.sqrt(target / ratio)).astype(jnp.int32)
+  fits = (h < height) & (w < width) & (h > 0) & (w > 0)
+  first = jnp.argmax(fits, axis=1)  # the first box that fits, as in timm
+  pick = lambda a: jnp.take_along_axis(a, first[:, None], axis=1)[:, 0]
+  h, w = pick(h), pick(w)
+  top = (pick(draws[..., 2]) * jnp.maximum(height - h + 1, 1)).astype(jnp.int32)
+  left = (pick(draws[..., 3]) * jnp.maximum(width - w + 1, 1)).astype(jnp.int32)
+  rows = jnp.arange(height)[None, :, None]
+  cols = jnp.arange(width)[None, None, :]
+  inside = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
+            & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None]))
+  erase = inside & (apply & jnp.any(fits, axis=1))[:, None, None]
+  noise = jax.random.normal(k_noise, images.shape, images.dtype)
+  return jnp.where(erase[..., None], noise, images)
 
 
 def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:

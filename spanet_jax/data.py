@@ -181,9 +181,10 @@ def train_positions(step: int, global_batch: int, local_batch: int, process_inde
   return range(first, first + local_batch)
 
 
-def train_batches(source: Source, config, global_batch: int, mean, std, start_step: int,
+def train_batches(source: Source, config, global_batch: int, start_step: int,
                   process_index: int, process_count: int) -> Iterator[dict]:
-  """Endless training batches for this process, from global step `start_step` on.
+  """Endless training batches for this process, from global step `start_step` on:
+  uint8 images (normalised and erased on the device, in the training step) and labels.
 
   Each epoch visits the examples in a fresh pseudo-random order (a stateless index
   shuffle of (seed, epoch)): example `order(p)` fills position p, and global step s of
@@ -212,8 +213,7 @@ def train_batches(source: Source, config, global_batch: int, mean, std, start_st
     index = tf.random.experimental.index_shuffle(position, order_seed, num_examples - 1)
     encoded, label = source.read(index)
     seed = tf.stack([tf.constant(config.seed, tf.int64) * 1_000_003 + epoch, position])
-    return {"image": transforms.train_transform(encoded, seed, config, mean, std),
-            "label": label}
+    return {"image": transforms.train_transform(encoded, seed, config), "label": label}
 
   ds = tf.data.Dataset.range(start_step * local_batch, np.iinfo(np.int64).max)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -141,12 +141,15 @@ def init_state(model, optimizer, params, config, rng) -> TrainState:
                     opt_state=optimizer.init(params), ema_params=ema, rng=rng)
 
 
-def train_step(state: TrainState, batch: dict, *, model, optimizer, config):
-  """One micro-step: mixup/cutmix, forward, cross-entropy, update. Pure."""
+def train_step(state: TrainState, batch: dict, *, model, optimizer, config, mean, std):
+  """One micro-step: normalisation (by the model's `mean` and `std`) and random erasing
+  of the uint8 images, mixup/cutmix, forward, cross-entropy, update. Pure."""
   step_rng = jax.random.fold_in(state.rng, state.step)
-  mix_rng, dropout_rng = jax.random.split(step_rng)
+  mix_rng, dropout_rng, erase_rng = jax.random.split(step_rng, 3)
+  images = augment.normalize(batch["image"], mean, std)
+  images = augment.random_erasing(erase_rng, images, config.random_erasing)
   images, targets = augment.mix_batch(
-      mix_rng, batch["image"], batch["label"], config.num_classes, config.mixup,
+      mix_rng, images, batch["label"], config.num_classes, config.mixup,
       config.cutmix, config.mixup_switch_prob, config.label_smoothing)
 
   def loss_fn(params):

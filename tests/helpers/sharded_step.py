@@ -31,11 +31,12 @@ def main(num_devices: int, model_axis: int, grads_path: str) -> None:
   state = jax.device_put(state, sharding)
   rng = np.random.default_rng(0)
   batch = trainer.global_batch(partitioning, {
-      "image": rng.standard_normal((16, 32, 32, 3)).astype(np.float32),
+      "image": rng.integers(0, 256, (16, 32, 32, 3)).astype(np.uint8),
       "label": rng.integers(0, 10, 16).astype(np.int32)})
 
   step = jax.jit(lambda s, b: trainer.train_step(s, b, model=model, optimizer=optimizer,
-                                                  config=config),
+                                                  config=config, mean=(0.5,) * 3,
+                                                  std=(0.25,) * 3),
                  in_shardings=(sharding, partitioning.batch), out_shardings=(sharding, None))
   new_state, metrics = step(state, batch)
   specs = sorted({str(leaf.sharding.spec) for leaf in jax.tree.leaves(new_state.params)})
