@@ -1,44 +1,183 @@
-"""The input pipeline's hand-written ops and evaluation counting."""
+"""The input pipeline: the training transform's pieces against PIL and torchvision's
+algorithms, random erasing on the device, random access, resume and multi-process
+batches, and evaluation counting."""
 
+import io
+import math
+
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from configs import default
-from spanet_jax import data, preprocess
+from spanet_jax import augment, data, preprocess, transforms
 
 
-def erase(image, seed, probability):
-  return data.random_erasing(tf.constant(image), tf.constant(seed, tf.int64), probability).numpy()
+def erase(images, seed, probability):
+  return np.asarray(augment.random_erasing(jax.random.PRNGKey(seed), images, probability))
 
 
-def test_random_erasing_fills_one_box_with_noise():
-  image = np.full((32, 48, 3), 7.0, np.float32)
-  for seed in range(20):
-    out = erase(image, [seed, 1], 1.0)
-    changed = (out != 7.0).any(-1)
+def test_random_erasing_fills_one_box_with_noise_per_image():
+  images = np.full((20, 32, 48, 3), 7.0, np.float32)
+  out = erase(images, 0, 1.0)
+  for image in out:
+    changed = (image != 7.0).any(-1)
     rows, cols = np.nonzero(changed)
-    assert changed.any(), seed
+    assert changed.any()
     box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     assert box.all()  # one filled rectangle
     area = box.size / changed.size
     assert 0.02 * 0.8 <= area <= 1 / 3 * 1.25
-    assert abs(float(np.std(out[changed]))) > 0.5  # noise, not a constant
+    assert abs(float(np.std(image[changed]))) > 0.5  # noise, not a constant
+  assert len({tuple(np.nonzero((image != 7.0).any(-1))[0][[0, -1]]) for image in out}) > 5
 
 
 def test_random_erasing_probability_and_determinism():
-  image = np.zeros((16, 16, 3), np.float32)
-  np.testing.assert_array_equal(erase(image, [0, 0], 0.0), image)
-  np.testing.assert_array_equal(erase(image, [3, 4], 1.0), erase(image, [3, 4], 1.0))
-  hits = sum(bool((erase(image, [s, 9], 0.25) != 0).any()) for s in range(200))
+  images = np.zeros((200, 16, 16, 3), np.float32)
+  np.testing.assert_array_equal(erase(images, 0, 0.0), images)
+  np.testing.assert_array_equal(erase(images, 3, 1.0), erase(images, 3, 1.0))
+  hits = int((erase(images, 9, 0.25) != 0).any((1, 2, 3)).sum())
   assert 30 <= hits <= 70  # about a quarter of 200
+
+
+def test_normalize_on_device_matches_the_host_formula():
+  images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3)).astype(np.uint8)
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  want = (images / 255.0 - np.array(mean)) / np.array(std)
+  np.testing.assert_allclose(augment.normalize(images, mean, std), want, rtol=1e-5, atol=1e-5)
+
+
+def torchvision_crop_params(height, width, draws, scale, ratio):
+  """torchvision's RandomResizedCrop.get_params with its uniform draws given (the
+  algorithm timm's RandomResizedCropAndInterpolation uses), in plain Python."""
+  area = height * width
+  for u_area, u_ratio, u_top, u_left in draws:
+    target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+    aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u_ratio)
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+@pytest.mark.parametrize("height,width,scale", [(375, 500, (0.08, 1.0)), (60, 500, (0.5, 1.0)),
+                                                (500, 40, (0.9, 1.0)), (32, 32, (0.6, 1.0))])
+def test_crop_sampler_is_torchvisions(height, width, scale):
+  ratio = (3 / 4, 4 / 3)
+  for s in range(40):
+    seed = tf.constant([s, 7], tf.int64)
+    draws = tf.random.stateless_uniform((10, 4), seed).numpy().astype(np.float64)
+    got = tuple(int(v) for v in transforms.sample_crop(height, width, seed, scale, ratio))
+    assert got == torchvision_crop_params(height, width, draws, scale, ratio), s
+
+
+@pytest.mark.parametrize("height,width,size", [(300, 280, 224), (120, 90, 224), (300, 200, 224),
+                                               (200, 300, 224), (224, 224, 224), (451, 300, 64)])
+def test_antialiased_resize_is_pils(height, width, size):
+  photo = np.asarray(preprocess.load_image(preprocess.sample_photo_paths()[1]))
+  crop = np.asarray(Image.fromarray(photo).resize((width, height), Image.BICUBIC))
+  want = np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC), np.float32)
+  got = transforms.resize_like_pil(tf.constant(crop), size).numpy()
+  diff = np.abs(got - want)
+  assert diff.max() <= 1 and (diff > 0).mean() < 0.01  # PIL's fixed-point rounding
+
+
+def test_crop_is_decoded_as_the_whole_image_cropped():
+  """JPEGs are decoded only inside the crop window: the pixels of a full decode, cropped
+  (chroma upsampling may differ at the window's edges), and near PIL's decode; PNGs
+  take the other path."""
+  photo = preprocess.load_image(preprocess.sample_photo_paths()[1])
+  for fmt in ("JPEG", "PNG"):
+    buffer = io.BytesIO()
+    photo.save(buffer, format=fmt, quality=90)
+    encoded = tf.constant(buffer.getvalue())
+    whole = tf.io.decode_image(encoded, channels=3).numpy().astype(np.int32)
+    pil = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), np.int32)
+    # TensorFlow's and Pillow's libjpeg builds upsample chroma differently: about one
+    # level apart on average.
+    assert np.abs(whole - pil).mean() < 1.5
+    for s in range(5):
+      seed = tf.constant([s, 1], tf.int64)
+      top, left, h, w = (int(v) for v in transforms.sample_crop(*whole.shape[:2], seed))
+      got = transforms.decode_random_crop(encoded, seed, (0.08, 1.0), (3 / 4, 4 / 3)).numpy()
+      want = whole[top:top + h, left:left + w]
+      assert got.shape == want.shape
+      np.testing.assert_array_equal(got.astype(np.int32)[2:-2, 2:-2], want[2:-2, 2:-2])
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+  config = default.get_config()
+  config.dataset, config.data_dir = "sklearn_digits", str(tmp_path_factory.mktemp("tfds"))
+  config.image_size = 32
+  return config, data.make_source(data.make_builder(config), "train")  # 1,437 examples
+
+
+def take(config, source, global_batch, start, count, process=0, processes=1):
+  stream = data.train_batches(source, config, global_batch, start, process, processes)
+  return [next(stream) for _ in range(count)]
+
+
+def test_training_batches_with_the_full_recipe_are_deterministic(digits):
+  config, source = digits  # default recipe: crop, flip and RandAugment on
+  first = take(config, source, 16, 0, 1)[0]
+  again = take(config, source, 16, 0, 1)[0]
+  assert first["image"].shape == (16, 32, 32, 3) and first["image"].dtype == np.uint8
+  assert first["label"].shape == (16,)
+  np.testing.assert_array_equal(first["image"], again["image"])
+  assert len({image.tobytes() for image in first["image"]}) == 16
+
+
+def test_resume_at_any_step_gives_the_uninterrupted_batches(digits):
+  """Including across the epoch's end (89 steps of 16); a new epoch has a new order."""
+  config, source = digits
+  assert data.steps_per_epoch(source, 16) == 89
+  straight = take(config, source, 16, 85, 6)
+  for offset in (1, 3, 4, 5):
+    resumed = take(config, source, 16, 85 + offset, 1)[0]
+    np.testing.assert_array_equal(resumed["image"], straight[offset]["image"])
+    np.testing.assert_array_equal(resumed["label"], straight[offset]["label"])
+  epoch0 = take(config, source, 16, 0, 1)[0]
+  epoch1 = take(config, source, 16, 89, 1)[0]
+  assert not np.array_equal(epoch0["label"], epoch1["label"])
+
+
+def test_every_example_once_per_epoch_over_processes_and_process_count_free(digits):
+  """Two processes' shares of a global batch are one process's batch split in two; one
+  epoch visits each example at most once (the remainder of 1,437 / 64 is left out)."""
+  config, source = digits
+  config = config.copy_and_resolve_references()
+  config.randaugment, config.hflip = "", 0.0
+  config.crop_scale = (1.0, 1.0)  # whole images: an example is recognisable by its pixels
+  whole = take(config, source, 64, 0, 22)
+  halves = [take(config, source, 64, 0, 22, process, 2) for process in (0, 1)]
+  for step in range(22):
+    joined = np.concatenate([halves[0][step]["image"], halves[1][step]["image"]])
+    np.testing.assert_array_equal(joined, whole[step]["image"])
+  images = np.concatenate([b["image"] for b in whole])
+  # Digits repeat now and then; positions, not pixels, are what must be unique.
+  indices = [int(tf.random.experimental.index_shuffle(
+      tf.constant(p, tf.int64), tf.constant([config.seed, 0], tf.int64), 1436))
+             for p in range(22 * 64)]
+  assert len(set(indices)) == len(indices) == len(images)
+  with pytest.raises(data.DataError, match="does not divide over 3 processes"):
+    take(config, source, 64, 0, 1, 0, 3)
 
 
 def test_eval_batches_count_every_example_once_over_processes(tmp_path):
   config = default.get_config()
   config.dataset, config.data_dir = "sklearn_digits", str(tmp_path)
-  builder = data.make_builder(config)
-  source = data.make_source(builder, "test")  # 360 examples
+  source = data.make_source(data.make_builder(config), "test")  # 360 examples
   data_config = preprocess.DataConfig(32, 1.0, (0.5,) * 3, (0.5,) * 3)
   seen = []
   counts = []
@@ -56,7 +195,6 @@ def test_eval_batches_count_every_example_once_over_processes(tmp_path):
 
 def test_eval_images_are_prepared_as_timm_prepares_them(tmp_path):
   """Decoded and resized by PIL: the same array as the eval transform of the same file."""
-  from PIL import Image
   root = tmp_path / "val"
   photos = preprocess.sample_photo_paths()[:3]
   for index, path in enumerate(photos):
@@ -79,17 +217,9 @@ def test_missing_dataset_says_what_to_do(tmp_path):
     data.make_builder(config)
 
 
-def test_training_batches_with_the_full_recipe_are_deterministic(tmp_path):
-  config = default.get_config()  # RandAugment, random erasing, crop and flip all on
-  config.dataset, config.data_dir = "sklearn_digits", str(tmp_path)
-  config.image_size, config.prefetch, config.shuffle_buffer = 32, 1, 64
-  source = data.make_source(data.make_builder(config), "train")
-  first = next(data.train_batches(source, config, 16, (0.5,) * 3, (0.5,) * 3, 0, 0, 1))
-  again = next(data.train_batches(source, config, 16, (0.5,) * 3, (0.5,) * 3, 0, 0, 1))
-  assert first["image"].shape == (16, 32, 32, 3) and first["label"].shape == (16,)
-  np.testing.assert_array_equal(first["image"], again["image"])
-  # Resuming at step 3 gives the batch an uninterrupted run sees at step 3.
-  stream = data.train_batches(source, config, 16, (0.5,) * 3, (0.5,) * 3, 0, 0, 1)
-  fourth = [next(stream) for _ in range(4)][-1]
-  resumed = next(data.train_batches(source, config, 16, (0.5,) * 3, (0.5,) * 3, 3, 0, 1))
-  np.testing.assert_array_equal(fourth["image"], resumed["image"])
+def test_a_tfrecord_dataset_is_refused_with_the_conversion_command(tmp_path):
+  builder = data.SklearnDigits(data_dir=str(tmp_path), file_format="tfrecord")
+  builder.download_and_prepare()
+  with pytest.raises(data.DataError, match="tfds convert_format --dataset_version_dir=.*"
+                                           "--out_file_format=array_record"):
+    data.make_source(builder, "train")
