@@ -41,6 +41,29 @@ flags.DEFINE_enum("host_malloc", "auto", ["auto", "keep", "default"],
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def check_data_order(workdir: str, config, num_examples: int, resuming: bool,
+                     write: bool) -> None:
+  """A step's batch is fixed by (seed, global batch, training examples): a run resumed
+  with another of these would continue on other batches, so it stops instead. Any number
+  of processes may resume a run: the batches do not depend on it."""
+  path = os.path.join(workdir, "data_order.json")
+  order = {"seed": config.seed, "batch_size": config.batch_size,
+           "train_examples": num_examples}
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    changed = [f"{key} {saved.get(key)} -> {value}" for key, value in order.items()
+               if saved.get(key) != value]
+    if changed:
+      raise ConfigError(
+          f"{workdir} was trained with another data order ({'; '.join(changed)}): resuming "
+          f"would not continue its batches. Use the run's config.seed and config.batch_size "
+          f"and the same training data, or a new --workdir")
+  elif write:
+    with open(path, "w") as f:
+      json.dump(order, f)
+
+
 class ConfigError(Exception):
   pass
 
@@ -224,6 +247,8 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
       options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["eval/top1"],
                                            best_mode="max"))
   latest = manager.latest_step()
+  check_data_order(workdir, config, train_source.num_examples, latest is not None,
+                   process == 0)
   if latest is not None:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sharding)

@@ -29,7 +29,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_classes = 1000
   config.image_size = 224
   config.crop_pct = -1.0  # evaluation crop; -1 = the model's metadata
-  config.shuffle_buffer = 16_384
   config.prefetch = 2
 
   # Augmentation (the official recipe).

@@ -206,10 +206,9 @@ def test_evaluate_on_a_tfds_split_counts_every_example(tmp_path, tiny_variables)
   assert result["top1"] == pytest.approx(np.mean([r["label"] == r["top1"] for r in rows]))
   assert result["top5"] == pytest.approx(np.mean(
       [r["label"] in [r[f"top{i}"] for i in range(1, 6)] for r in rows]))
-  split = tfds.builder("sklearn_digits", data_dir=str(tmp_path / "tfds")).as_dataset(
-      "test", as_supervised=True)
+  split = tfds.builder("sklearn_digits", data_dir=str(tmp_path / "tfds")).as_data_source("test")
   assert sorted(int(r["label"]) for r in rows) == sorted(  # the split's own labels
-      int(label) for _, label in tfds.as_numpy(split))
+      int(example["label"]) for example in split)
   # A 1000-class model cannot be scored on 10 classes.
   code, _, stderr = run_main(evaluate.main, "--checkpoint", "init:" + TINY, "--data",
                              "sklearn_digits:test", "--data-dir", tmp_path / "tfds")

@@ -241,6 +241,23 @@ def test_two_processes_through_jax_distributed(tmp_path, data_dir):
   assert any("eval top-1" in line for line in logged[0])
   assert os.path.isdir(workdir / "final")
 
+  # One process resumes the two's run: the batches do not depend on the process count.
+  more = run_train(workdir, "--config.num_epochs=3", data_dir=data_dir)
+  assert more.returncode == 0, why(more.stderr)
+  assert "at step 44" in more.stdout and "step 66/66" in more.stdout
+
+
+def test_resume_with_another_data_order_stops_with_one_line(tmp_path, data_dir):
+  workdir = tmp_path / "order"
+  first = run_train(workdir, "--config.num_epochs=1", data_dir=data_dir)
+  assert first.returncode == 0, why(first.stderr)
+  again = run_train(workdir, "--config.num_epochs=2", "--config.batch_size=32",
+                    data_dir=data_dir)
+  assert again.returncode == 2
+  errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "batch_size 64 -> 32" in errors[0], again.stderr[-2000:]
+  assert "Traceback" not in again.stderr
+
 
 def test_options_and_init_from_a_checkpoint_with_another_head(tmp_path, data_dir):
   """bfloat16, gradient accumulation, clipping, EMA, remat and init_from in one short run."""
