@@ -223,3 +223,26 @@ def test_a_tfrecord_dataset_is_refused_with_the_conversion_command(tmp_path):
   with pytest.raises(data.DataError, match="tfds convert_format --dataset_version_dir=.*"
                                            "--out_file_format=array_record"):
     data.make_source(builder, "train")
+
+
+def test_input_pipeline_benchmark_reports_its_json_line(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  photo = preprocess.load_image(preprocess.sample_photo_paths()[1])
+  for index in range(24):
+    folder = tmp_path / "photos" / "train" / f"class{index % 3}"
+    folder.mkdir(parents=True, exist_ok=True)
+    photo.rotate(index * 15).save(folder / f"{index}.jpg", quality=90)
+  out = subprocess.run(
+      [sys.executable, "benchmarks/input_pipeline.py", "--folder", str(tmp_path / "photos"),
+       "--config", "configs/spanet_s.py", "--batch", "8", "--batches", "5", "--warmup", "2",
+       "--start-step", "2", "--json"], cwd=repo, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "PYTHONPATH": repo})
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["image_shape"] == [8, 224, 224, 3] and result["steps_per_epoch"] == 3
+  assert result["images_per_s"] > 0 and result["first_batch_s"] > 0
+  assert result["peak_rss_mib"] > 100
