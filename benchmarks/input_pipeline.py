@@ -8,7 +8,8 @@ function) and reads them as fast as it can, with no model:
 
 `--folder` is a class-per-folder tree (DIR/train/<class>/...; make one with
 benchmarks/make_photo_folder.py); without it the config's TFDS dataset is read. The
-last stdout line is one JSON object: images_per_s (after the warm-up batches),
+last stdout line is one JSON object (`--eval`: the evaluation pipeline over the same
+images): images_per_s (after the warm-up batches),
 first_batch_s (from building the pipeline to the first batch), peak_rss_mib (of this
 process, TensorFlow and JAX imported).
 """
@@ -27,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402,F401  pylint: disable=unused-import  (train.py's process has it)
 
-from spanet_jax import data  # noqa: E402
+import spanet_jax  # noqa: E402
+from spanet_jax import data, preprocess  # noqa: E402
 
 
 def load_config(path: str):
@@ -45,6 +47,8 @@ def main(argv=None) -> int:
   parser.add_argument("--batches", type=int, default=15, help="batches to read")
   parser.add_argument("--warmup", type=int, default=3, help="batches before timing starts")
   parser.add_argument("--start-step", type=int, default=0, help="resume at this step")
+  parser.add_argument("--eval", action="store_true",
+                      help="the evaluation pipeline instead, over the same training images")
   parser.add_argument("--json", action="store_true", help="last line as JSON only")
   args = parser.parse_args(argv)
   if args.batches <= args.warmup:
@@ -57,7 +61,14 @@ def main(argv=None) -> int:
   try:
     start = time.perf_counter()
     source = data.make_source(data.make_builder(config), config.train_split)
-    batches = data.train_batches(source, config, config.batch_size, args.start_step, 0, 1)
+    if args.eval:  # the model's own evaluation preprocessing, as train.py evaluates
+      info = spanet_jax.model_info(config.model)
+      eval_data = preprocess.DataConfig(config.image_size, info.crop_pct, info.mean, info.std,
+                                        info.interpolation)
+      batches = (batch for batch, _ in data.eval_batches(source, eval_data, config.batch_size,
+                                                         0, 1, config.prefetch))
+    else:
+      batches = data.train_batches(source, config, config.batch_size, args.start_step, 0, 1)
     times = []
     for _ in range(args.batches):
       batch = next(batches)
@@ -67,7 +78,7 @@ def main(argv=None) -> int:
     return 2
   timed = args.batches - args.warmup
   result = {
-      "loader": "spanet_jax",
+      "loader": "spanet_jax", "pipeline": "eval" if args.eval else "train",
       "images_per_s": timed * args.batch / (times[-1] - times[args.warmup - 1]),
       "first_batch_s": times[0] - start,
       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -53,14 +53,20 @@ def main(argv=None) -> int:
   parser.add_argument("--batches", type=int, default=15)
   parser.add_argument("--warmup", type=int, default=3, help="batches before timing starts")
   parser.add_argument("--workers", type=int, default=2)
+  parser.add_argument("--eval", action="store_true",
+                      help="timm's eval transform (SPANet-S: crop_pct 0.9, bicubic) instead")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
   torch.set_num_threads(1)
-  transform = create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
-                               re_prob=0.25, re_mode="pixel", interpolation="bicubic")
+  if args.eval:
+    transform = create_transform(224, is_training=False, crop_pct=0.9,
+                                 interpolation="bicubic")
+  else:
+    transform = create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                                 re_prob=0.25, re_mode="pixel", interpolation="bicubic")
   start = time.perf_counter()
   dataset = ImageFolder(os.path.join(args.folder, "train"), transform=transform)
-  loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True,
+  loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=not args.eval,
                                        num_workers=args.workers, drop_last=True,
                                        persistent_workers=True)
   me = psutil.Process()
@@ -78,7 +84,7 @@ def main(argv=None) -> int:
     del images
   timed = args.batches - args.warmup
   result = {
-      "loader": "timm", "images_per_s": timed * args.batch / (times[-1] - times[args.warmup - 1]),
+      "loader": "timm", "pipeline": "eval" if args.eval else "train", "images_per_s": timed * args.batch / (times[-1] - times[args.warmup - 1]),
       "first_batch_s": times[0] - start, "peak_rss_mib": peak,
       "peak_rss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "batch": args.batch, "batches": args.batches, "workers": args.workers}

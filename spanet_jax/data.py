@@ -245,9 +245,15 @@ def eval_batches(source: Source, data_config: preprocess.DataConfig, local_batch
   ds = ds.map(lambda index, name: (*source.read(index), name))
   size = data_config.input_size
 
+  mean = tf.constant(data_config.mean, tf.float32)
+  std = tf.constant(data_config.std, tf.float32)
+
   def prepare(encoded, label, name):
-    image, ok = tf.numpy_function(lambda b: _eval_transform(b, data_config), [encoded],
-                                  [tf.float32, tf.bool], stateful=False)
+    # PIL decodes and resizes (it releases the GIL while it does); the normalisation
+    # runs in TensorFlow, outside the GIL, in preprocess.normalize's order of operations.
+    pixels, ok = tf.numpy_function(lambda b: _eval_pixels(b, data_config), [encoded],
+                                   [tf.uint8, tf.bool], stateful=False)
+    image = (tf.cast(pixels, tf.float32) / 255.0 - mean) / std
     return {"image": tf.ensure_shape(image, (size, size, 3)), "ok": ok,
             "label": tf.cast(label, tf.int32), "name": name}
 
@@ -270,16 +276,19 @@ def eval_batches(source: Source, data_config: preprocess.DataConfig, local_batch
     yield _pad(empty, local_batch), []
 
 
-def _eval_transform(encoded: bytes, data_config: preprocess.DataConfig):
-  """Encoded image -> (prepared float32 image, True), or (zeros, False) if undecodable."""
+def _eval_pixels(encoded: bytes, data_config: preprocess.DataConfig):
+  """Encoded image -> (resized, cropped uint8 pixels, True), or (zeros, False) if it
+  cannot be decoded."""
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
 
   try:
     with Image.open(io.BytesIO(encoded)) as image:
-      return data_config.transform(image.convert("RGB")), np.bool_(True)
+      pixels = preprocess.eval_pixels(image.convert("RGB"), data_config.input_size,
+                                      data_config.crop_pct, data_config.interpolation)
+      return pixels, np.bool_(True)
   except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
     size = data_config.input_size
-    return np.zeros((size, size, 3), np.float32), np.bool_(False)
+    return np.zeros((size, size, 3), np.uint8), np.bool_(False)
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -38,11 +38,10 @@ def load_image(path: str):
     raise ImageError(f"cannot decode {path} as an image: {err}") from None
 
 
-def eval_transform(image, input_size: int = 224, crop_pct: float = 0.9,
-                   mean: Sequence[float] = (0.485, 0.456, 0.406),
-                   std: Sequence[float] = (0.229, 0.224, 0.225),
-                   interpolation: str = "bicubic") -> np.ndarray:
-  """A PIL image -> normalised (input_size, input_size, 3) float32 array."""
+def eval_pixels(image, input_size: int = 224, crop_pct: float = 0.9,
+                interpolation: str = "bicubic") -> np.ndarray:
+  """A PIL RGB image -> its resized, centre-cropped (input_size, input_size, 3) uint8
+  pixels, as timm's eval transform computes them before ToTensor."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   scale_size = math.floor(input_size / crop_pct)
@@ -55,10 +54,22 @@ def eval_transform(image, input_size: int = 224, crop_pct: float = 0.9,
   width, height = image.size
   top = int(round((height - input_size) / 2.0))
   left = int(round((width - input_size) / 2.0))
-  image = image.crop((left, top, left + input_size, top + input_size))
-  pixels = np.asarray(image, dtype=np.float32) / 255.0
+  return np.asarray(image.crop((left, top, left + input_size, top + input_size)), np.uint8)
+
+
+def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """uint8 pixels -> (pixels / 255 - mean) / std in float32, in that order of operations
+  (data.eval_batches repeats it in TensorFlow and gets the same bits)."""
+  pixels = np.asarray(pixels, dtype=np.float32) / np.float32(255.0)
   return ((pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
 
+
+def eval_transform(image, input_size: int = 224, crop_pct: float = 0.9,
+                   mean: Sequence[float] = (0.485, 0.456, 0.406),
+                   std: Sequence[float] = (0.229, 0.224, 0.225),
+                   interpolation: str = "bicubic") -> np.ndarray:
+  """A PIL image -> normalised (input_size, input_size, 3) float32 array."""
+  return normalize(eval_pixels(image, input_size, crop_pct, interpolation), mean, std)
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
