@@ -6,7 +6,8 @@
 
 Restarting with the same --workdir resumes from the latest checkpoint. SIGTERM
 (preemption) saves a checkpoint and exits cleanly. Writes to the workdir:
-config.json, metrics.jsonl (one JSON object per logged step), tensorboard/,
+config.json, metrics.jsonl (one JSON object per logged step), train.log (every
+library log line; the console shows them with --verbose), tensorboard/,
 checkpoints/ (the last N), best/ (the best by eval/top1), and final/ (the trained
 weights, for spanet_jax.load_pretrained and --config.init_from).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as std_logging
 import os
 import re
 import signal
@@ -38,7 +40,27 @@ flags.DEFINE_enum("host_malloc", "auto", ["auto", "keep", "default"],
                   "keep: glibc keeps freed memory for reuse, so XLA:CPU does not fault its "
                   "scratch in again every step (spanet_jax/host_memory.py); auto: keep when "
                   "JAX runs on the CPU")
+flags.DEFINE_bool("verbose", False,
+                  "also show library log lines (Orbax, TFDS, absl) and progress bars on the "
+                  "console; they always go to WORKDIR/train.log")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def quiet_console(verbose: bool) -> None:
+  """The console keeps train.py's own lines, warnings and errors; library INFO lines
+  (Orbax logs every checkpoint step, TFDS every shard) go to WORKDIR/train.log only."""
+  if not verbose:
+    logging.get_absl_handler().setLevel(std_logging.WARNING)
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds.disable_progress_bar()
+
+
+def log_to_file(workdir: str) -> None:
+  log_file = std_logging.FileHandler(os.path.join(workdir, "train.log"))
+  log_file.setFormatter(std_logging.Formatter(
+      "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
+  log_file.setLevel(std_logging.INFO)
+  std_logging.getLogger().addHandler(log_file)
 
 
 def check_data_order(workdir: str, config, num_examples: int, resuming: bool,
@@ -171,6 +193,8 @@ def main(argv) -> None:
 def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-many-statements
   from spanet_jax import host_memory  # pylint: disable=g-import-not-at-top
 
+  quiet_console(FLAGS.verbose)
+
   # Before JAX starts its threads: the setting reaches only threads created later.
   if FLAGS.host_malloc == "keep" or (FLAGS.host_malloc == "auto" and host_memory.cpu_only()):
     host_memory.keep_freed_memory()
@@ -192,6 +216,7 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   process, processes = jax.process_index(), jax.process_count()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  log_to_file(workdir)
   writer = MetricWriter(workdir, process == 0)
   if process == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:

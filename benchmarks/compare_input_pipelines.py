@@ -7,7 +7,8 @@ processes on the same folder, so both see the same machine state in turn:
   python benchmarks/compare_input_pipelines.py --folder /tmp/photos \\
       --timm-python /path/to/timm-venv/bin/python --rounds 5
 
-Prints one line per run and, last, one JSON object with the per-round ratios and their
+`--eval` compares the evaluation pipelines (ours: PIL decode and resize, exactly
+timm's arrays) in the same way. Prints one line per round and, last, one JSON object with the per-round ratios and their
 median, plus the first-batch time at step 0 and at `--late-step` (just before the end
 of the first epoch) from our pipeline.
 """
@@ -42,12 +43,15 @@ def main(argv=None) -> int:
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--late-step", type=int, default=-1,
                       help="resume step to time; -1: the last step of the first epoch")
+  parser.add_argument("--eval", action="store_true",
+                      help="compare the evaluation pipelines (timm's eval transform) instead")
   args = parser.parse_args(argv)
+  mode = ["--eval"] if args.eval else []
   ours_cmd = [sys.executable, os.path.join(HERE, "input_pipeline.py"), "--folder", args.folder,
               "--config", args.config, "--batch", str(args.batch),
-              "--batches", str(args.batches), "--json"]
+              "--batches", str(args.batches), "--json"] + mode
   timm_cmd = [args.timm_python, os.path.join(HERE, "timm_loader.py"), "--folder", args.folder,
-              "--batch", str(args.batch), "--batches", str(args.batches), "--json"]
+              "--batch", str(args.batch), "--batches", str(args.batches), "--json"] + mode
   rounds = []
   for index in range(args.rounds):
     late = args.late_step

@@ -149,6 +149,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, data_dir):
   assert all(0.0 <= r["eval/top1"] <= 1.0 for r in evals)
   assert os.path.isfile(tmp_path / "whole" / "config.json")
   assert os.listdir(tmp_path / "whole" / "tensorboard")
+  # A readable console: train.py's own lines; library INFO lines go to train.log.
+  console = (whole.stdout + whole.stderr).splitlines()
+  absl_format = [line for line in console if re.match(r"[IWEF]\d{4} ", line)]
+  assert len(console) <= 30 and len(absl_format) <= 3, "\n".join(console)
+  assert "checkpoint" in (tmp_path / "whole" / "train.log").read_text().lower()
 
   workdir = tmp_path / "resumed"
   process = run_train(workdir, wait=False, data_dir=data_dir)
