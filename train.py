@@ -63,6 +63,20 @@ def log_to_file(workdir: str) -> None:
   std_logging.getLogger().addHandler(log_file)
 
 
+# The options that shape the learning-rate schedule over the steps.
+SCHEDULE_KEYS = ("num_epochs", "warmup_epochs", "lr", "lr_base_batch", "warmup_lr", "min_lr",
+                 "grad_accum_steps")
+
+
+def read_previous_config(workdir: str) -> dict:
+  """The config.json a previous run left in `workdir` ({} if none or unreadable)."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
 def check_data_order(workdir: str, config, num_examples: int, resuming: bool,
                      write: bool) -> None:
   """A step's batch is fixed by (seed, global batch, training examples): a run resumed
@@ -218,6 +232,7 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   os.makedirs(workdir, exist_ok=True)
   log_to_file(workdir)
   writer = MetricWriter(workdir, process == 0)
+  previous_config = read_previous_config(workdir)
   if process == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -275,6 +290,12 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   check_data_order(workdir, config, train_source.num_examples, latest is not None,
                    process == 0)
   if latest is not None:
+    changed = [f"{key} {previous_config[key]} -> {config[key]}" for key in SCHEDULE_KEYS
+               if key in previous_config and previous_config[key] != config[key]]
+    if changed and process == 0:
+      print(f"note: the learning-rate schedule differs from the run's before: "
+            f"{'; '.join(changed)}; it continues from step {latest} on the new schedule",
+            flush=True)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sharding)
     state = manager.restore(latest, args=ocp.args.StandardRestore(target))

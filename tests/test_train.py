@@ -250,6 +250,8 @@ def test_two_processes_through_jax_distributed(tmp_path, data_dir):
   more = run_train(workdir, "--config.num_epochs=3", data_dir=data_dir)
   assert more.returncode == 0, why(more.stderr)
   assert "at step 44" in more.stdout and "step 66/66" in more.stdout
+  assert "note: the learning-rate schedule differs from the run's before: num_epochs 2 -> 3" \
+      in more.stdout
 
 
 def test_resume_with_another_data_order_stops_with_one_line(tmp_path, data_dir):
