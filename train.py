@@ -308,10 +308,9 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
         _, pretrained = checkpoint.load_pretrained(config.init_from)
       except checkpoint.CheckpointError as err:
         raise ConfigError(f"config.init_from: {err}") from None
-      params, fresh = trainer.merge_pretrained(jax.device_get(state.params),
-                                               pretrained["params"])
-      print(f"initialised from {config.init_from}; newly initialised: "
-            f"{', '.join(fresh) if fresh else 'nothing'}", flush=True)
+      params, report = checkpoint.merge_pretrained(jax.device_get(state.params),
+                                                   pretrained["params"])
+      print(f"initialised from {config.init_from}; {report}", flush=True)
       params = jax.device_put(params, state_sharding.params)
       state = state.replace(params=params, opt_state=jax.jit(
           optimizer.init, out_shardings=state_sharding.opt_state)(params),

@@ -7,11 +7,14 @@ into a temporary sibling and renamed into place, so a failed write leaves nothin
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import shutil
 from typing import Any, Mapping
 
+import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -93,20 +96,97 @@ def read_metadata(directory: str) -> dict[str, Any]:
   return metadata
 
 
-def load_pretrained(directory: str, **overrides: Any):
-  """(model, variables) from a directory written by convert_torch_weights.py.
+@dataclasses.dataclass(frozen=True)
+class MergeReport:
+  """What `merge_pretrained` took from the checkpoint and what it could not."""
+  added: tuple[str, ...]  # parameters of the new model initialised afresh
+  dropped: tuple[str, ...]  # checkpoint tensors the new model has no place for
 
-  Keyword overrides change how the model computes (dtype=jnp.bfloat16,
-  depthwise_impl=..., drop_path_rate=...), not its parameters.
+  def __str__(self) -> str:
+    return (f"newly initialised: {', '.join(self.added) or 'nothing'}; "
+            f"dropped from the checkpoint: {', '.join(self.dropped) or 'nothing'}")
+
+
+def merge_pretrained(params: Mapping, pretrained: Mapping) -> tuple[Any, MergeReport]:
+  """Fill `params` (a freshly initialised tree) with every tensor of `pretrained` whose
+  path and shape match.
+
+  Args:
+    params: the target model's parameters, e.g. from `model.init`.
+    pretrained: a checkpoint's parameters.
+
+  Returns:
+    (merged params, MergeReport): the merged tree has `params`' structure and dtypes;
+    the report names, as "a/b/c" paths, the parameters kept from `params` (new or
+    reshaped, such as a head of another width) and the checkpoint tensors left out.
+  """
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(params)), sep="/")
+  source = flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(pretrained)), sep="/")
+  added = []
+  for key, value in flat.items():
+    if key in source and tuple(np.shape(source[key])) == tuple(np.shape(value)):
+      flat[key] = np.asarray(source[key], np.asarray(value).dtype)
+    else:
+      added.append(key)
+  dropped = [key for key, value in source.items()
+             if key not in flat or tuple(np.shape(value)) != tuple(np.shape(flat[key]))]
+  return (flax.traverse_util.unflatten_dict(flat, sep="/"),
+          MergeReport(tuple(sorted(added)), tuple(sorted(dropped))))
+
+
+def load_pretrained(directory: str, *, rng: jax.Array | None = None,
+                    return_report: bool = False, **overrides: Any):
+  """The model and variables of a directory written by convert_torch_weights.py or
+  train.py (its `final/`).
+
+  Overrides that change how the model computes (dtype=jnp.bfloat16, depthwise_impl=...,
+  drop_path_rate=...) load the weights as they are. Overrides that change its parameters
+  (num_classes, learnable_masks, features_only, out_indices, ...) take every stored
+  tensor whose path and shape still fit and initialise the rest, as fine-tuning wants:
+  a new head, trainable masks started from the stored ones' formula, the per-stage norms
+  of a dense-prediction backbone. What was added or dropped is logged (and returned with
+  `return_report=True`).
+
+  Args:
+    directory: a pretrained directory (`spanet.json` and `params/`).
+    rng: key for the parameters that must be initialised (default PRNGKey(0)).
+    return_report: also return the MergeReport.
+    **overrides: create_model options on top of those stored with the weights.
+
+  Returns:
+    (model, {"params": params}), or (model, variables, MergeReport) with return_report.
   """
   metadata = read_metadata(directory)
-  model = registry.create_model(metadata["model"], **{**metadata["overrides"], **overrides})
+  name = metadata["model"]
+  model = registry.create_model(name, **{**metadata["overrides"], **overrides})
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       params = checkpointer.restore(os.path.join(os.path.abspath(directory), PARAMS_DIR))
   except (FileNotFoundError, ValueError, OSError) as err:
     raise CheckpointError(f"cannot read the params in {directory}: {err}") from None
+  size = registry.model_info(name).input_size
+  images = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
+  key = jax.random.PRNGKey(0) if rng is None else rng
+  wanted = jax.eval_shape(model.init, key, images)["params"]
+  report = MergeReport((), ())
+  if not _same_structure(wanted, params):
+    fresh = jax.jit(model.init)(key, np.zeros((1, size, size, 3), np.float32))["params"]
+    params, report = merge_pretrained(jax.device_get(fresh), params)
+    logging.getLogger(__name__).warning("%s loaded for %s: %s", directory,
+                                        _describe(overrides), report)
+  if return_report:
+    return model, {"params": params}, report
   return model, {"params": params}
+
+
+def _same_structure(a, b) -> bool:
+  shapes = lambda tree: {k: tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(dict(tree)), sep="/").items()}
+  return shapes(a) == shapes(b)
+
+
+def _describe(overrides: Mapping[str, Any]) -> str:
+  return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "its own options"
 
 
 def _jsonable(value):

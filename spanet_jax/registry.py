@@ -94,8 +94,27 @@ def model_info(name: str) -> ModelInfo:
   return _MODELS[name]
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
-  """Build a registered model; keyword overrides replace module fields (num_classes, dtype, ...)."""
+def create_model(name: str, pretrained: str | None = None, **overrides: Any):
+  """Build a registered model.
+
+  Args:
+    name: a registered model name (`list_models()`).
+    pretrained: a pretrained directory (converted official weights or a train.py
+      `final/`) holding weights of this model; then its weights are loaded as
+      `load_pretrained(pretrained, **overrides)` loads them, fitting a new
+      num_classes, learnable_masks or features_only.
+    **overrides: module fields to replace (num_classes, dtype, drop_path_rate, ...).
+
+  Returns:
+    The Flax module; with `pretrained`, (module, variables).
+  """
+  if pretrained is not None:
+    # checkpoint builds on this module: imported here, not at the top, to keep one direction.
+    from spanet_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    stored = checkpoint.read_metadata(pretrained)["model"]
+    if stored != name:
+      raise checkpoint.CheckpointError(f"{pretrained} holds {stored} weights, not {name}")
+    return checkpoint.load_pretrained(pretrained, **overrides)
   info = model_info(name)
   module_cls = _BUILDERS[info.family]
   fields = {f.name for f in dataclasses.fields(module_cls)} - {"parent", "name"}

@@ -185,19 +185,6 @@ def predict_step(params, images, *, model, k: int = 5):
   return classes, probs
 
 
-def merge_pretrained(params, pretrained) -> tuple[Any, list[str]]:
-  """Take every pretrained tensor whose path and shape match; report the rest (new head)."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-  source = flax.traverse_util.flatten_dict(flax.core.unfreeze(pretrained), sep="/")
-  kept_new = []
-  for key, value in flat.items():
-    if key in source and tuple(source[key].shape) == tuple(value.shape):
-      flat[key] = jnp.asarray(source[key], value.dtype)
-    else:
-      kept_new.append(key)
-  return flax.traverse_util.unflatten_dict(flat, sep="/"), kept_new
-
-
 def global_batch(partitioning: Partitioning, local: dict) -> dict:
   """Assemble this process's share into global arrays sharded over the batch axis."""
   return {k: jax.make_array_from_process_local_data(partitioning.batch, np.asarray(v))

@@ -102,12 +102,15 @@ def test_weight_decay_skips_one_dimensional_parameters():
 
 
 def test_pretrained_merge_keeps_matching_tensors_and_reports_new_head():
+  from spanet_jax import checkpoint
   params = {"backbone": {"w": jnp.zeros((2, 2))}, "head": {"kernel": jnp.zeros((4, 10))}}
-  pretrained = {"backbone": {"w": jnp.ones((2, 2))}, "head": {"kernel": jnp.ones((4, 1000))}}
-  merged, fresh = trainer.merge_pretrained(params, pretrained)
+  pretrained = {"backbone": {"w": jnp.ones((2, 2))}, "head": {"kernel": jnp.ones((4, 1000))},
+                "norm": {"scale": jnp.ones((4,))}}
+  merged, report = checkpoint.merge_pretrained(params, pretrained)
   np.testing.assert_array_equal(merged["backbone"]["w"], 1.0)
   np.testing.assert_array_equal(merged["head"]["kernel"], 0.0)
-  assert fresh == ["head/kernel"]
+  assert report.added == ("head/kernel",)
+  assert report.dropped == ("head/kernel", "norm/scale")
 
 
 def _sharded_step(devices, model_axis, path):

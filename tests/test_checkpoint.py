@@ -1,0 +1,69 @@
+"""Pretrained directories in users' pipelines: loading with options that change the
+parameters (a new head, trainable masks, a dense-prediction backbone)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import spanet_jax
+from conftest import TINY
+from spanet_jax import checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  model = spanet_jax.create_model(TINY)
+  params = jax.jit(model.init)(jax.random.PRNGKey(3), jnp.zeros((1, 64, 64, 3)))["params"]
+  directory = tmp_path_factory.mktemp("ckpt") / "tiny"
+  spanet_jax.save_pretrained(str(directory), TINY, params)
+  return str(directory), traverse_util.flatten_dict(jax.device_get(params), sep="/")
+
+
+def flat(params):
+  return traverse_util.flatten_dict(jax.device_get(params), sep="/")
+
+
+def test_plain_load_returns_the_stored_weights_and_reports_nothing(tiny_checkpoint):
+  directory, stored = tiny_checkpoint
+  _, variables, report = spanet_jax.load_pretrained(directory, return_report=True)
+  assert report.added == () and report.dropped == ()
+  loaded = flat(variables["params"])
+  assert loaded.keys() == stored.keys()
+  for key in stored:
+    np.testing.assert_array_equal(loaded[key], stored[key])
+
+
+def test_new_head_and_learnable_masks_fine_tune_from_the_backbone(tiny_checkpoint):
+  directory, stored = tiny_checkpoint
+  model, variables, report = spanet_jax.load_pretrained(
+      directory, num_classes=10, learnable_masks=True, return_report=True)
+  logits = model.apply(variables, jnp.ones((2, 96, 96, 3)), train=False)  # masks resized
+  assert logits.shape == (2, 10)
+  assert {"head/kernel", "head/bias"} <= set(report.added)
+  assert any("spectral_masks" in key for key in report.added)
+  assert set(report.dropped) == {"head/kernel", "head/bias"}
+  loaded = flat(variables["params"])
+  kept = [key for key in stored if key in loaded and key not in report.added]
+  assert len(kept) == len(stored) - 2  # every backbone tensor is the stored one
+  for key in kept:
+    np.testing.assert_array_equal(loaded[key], stored[key])
+  # Gradients reach the masks: they are parameters now.
+  grads = jax.grad(lambda p: model.apply({"params": p}, jnp.ones((1, 64, 64, 3)),
+                                         train=False).sum())(variables["params"])
+  assert any("spectral_masks" in key and np.abs(value).sum() > 0
+             for key, value in flat(grads).items())
+
+
+def test_features_only_gives_the_four_stage_maps(tiny_checkpoint):
+  directory, _ = tiny_checkpoint
+  model, variables = spanet_jax.create_model(TINY, pretrained=directory, features_only=True)
+  maps = model.apply(variables, jnp.ones((1, 64, 64, 3)), train=False)
+  assert [m.shape for m in maps] == [(1, 16, 16, 8), (1, 8, 8, 16), (1, 4, 4, 20), (1, 2, 2, 32)]
+
+
+def test_create_model_refuses_weights_of_another_model(tiny_checkpoint):
+  directory, _ = tiny_checkpoint
+  with pytest.raises(checkpoint.CheckpointError, match="holds spanet_tiny_test weights"):
+    spanet_jax.create_model("spanet_s", pretrained=directory)
