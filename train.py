@@ -338,10 +338,8 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
     return {"eval/top1": totals["top1"] / totals["count"],
             "eval/top5": totals["top5"] / totals["count"]}
 
-  def save(step: int, state, wait: bool = False) -> None:
+  def save(step: int, state) -> None:
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    if wait:
-      manager.wait_until_finished()
 
   stop = {"signal": None}
 
@@ -388,10 +386,13 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
             f"top-5 {results['eval/top5']:.4f}", flush=True)
       writer.write(step, results)
       best_manager.save(step, args=ocp.args.StandardSave(state.params), metrics=results)
-    if step % config.checkpoint_every_steps == 0 or step == total_steps:
+    scheduled = step % config.checkpoint_every_steps == 0 or step == total_steps
+    if scheduled:
       save(step, state)
     if stop["signal"] is not None:
-      save(step, state, wait=True)
+      if not scheduled:  # a signal right after a scheduled save: that save is the one
+        save(step, state)
+      manager.wait_until_finished()
       print(f"received signal {stop['signal']}: saved step {step}, exiting", flush=True)
       manager.close()
       best_manager.close()

@@ -184,6 +184,21 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, data_dir):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_sigterm_right_after_a_scheduled_checkpoint_exits_cleanly(tmp_path, data_dir):
+  """With a checkpoint every step, the signal always lands on a step just saved."""
+  workdir = tmp_path / "every_step"
+  process = run_train(workdir, "--config.checkpoint_every_steps=1", wait=False,
+                      data_dir=data_dir)
+  deadline = time.time() + 300
+  while not (workdir / "checkpoints" / "2").exists():
+    assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+    time.sleep(0.1)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, why(stderr)
+  assert "received signal 15" in stdout and "Traceback" not in stderr
+
+
 def test_nan_loss_stops_without_overwriting_the_checkpoint(tmp_path, data_dir):
   result = run_train(tmp_path / "nan", "--config.lr=1e12", "--config.warmup_epochs=0",
                      data_dir=data_dir)
