@@ -283,8 +283,10 @@ def _eval_pixels(encoded: bytes, data_config: preprocess.DataConfig):
 
   try:
     with Image.open(io.BytesIO(encoded)) as image:
-      pixels = preprocess.eval_pixels(image.convert("RGB"), data_config.input_size,
-                                      data_config.crop_pct, data_config.interpolation)
+      image.load()
+      rgb = image if image.mode == "RGB" else image.convert("RGB")  # no copy when RGB
+      pixels = preprocess.eval_pixels(rgb, data_config.input_size, data_config.crop_pct,
+                                      data_config.interpolation)
       return pixels, np.bool_(True)
   except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
     size = data_config.input_size
