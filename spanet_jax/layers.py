@@ -31,6 +31,13 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
   return init
 
 
+def feature_info(dims, indices=None) -> list[dict]:
+  """timm-style feature_info of a four-stage backbone with strides 4, 8, 16, 32."""
+  indices = range(len(dims)) if indices is None else indices
+  return [{"num_chs": int(dims[i]), "reduction": 4 * 2**i, "module": f"stage{i}"}
+          for i in indices]
+
+
 def fields_for(module_cls: type, source: nn.Module) -> dict[str, Any]:
   """The values of `source`'s fields that `module_cls` also declares (to build a
   submodule, such as a backbone, from its parent's configuration)."""

@@ -193,6 +193,9 @@ class SPANet(nn.Module):
   kernel_size: int = 7
   num_classes: int = 1000
   features_only: bool = False
+  # The stages a features_only model returns (all four norms are kept either way, so
+  # official dense-prediction checkpoints load unchanged).
+  out_indices: Sequence[int] = (0, 1, 2, 3)
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   learnable_masks: bool = False
@@ -206,7 +209,16 @@ class SPANet(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
+  @property
+  def feature_info(self) -> list[dict]:
+    """timm's feature_info: channels (`num_chs`) and stride (`reduction`) of each stage
+    a features_only model returns (of all four otherwise)."""
+    return layers.feature_info(self.dims, self.out_indices if self.features_only else None)
+
   def setup(self):
+    if not self.out_indices or any(i not in range(len(self.dims)) for i in self.out_indices):
+      raise ValueError(f"out_indices={tuple(self.out_indices)}: give stage indices in "
+                       f"0..{len(self.dims) - 1}")
     self.backbone = SPANetBackbone(**layers.fields_for(SPANetBackbone, self))
     if self.features_only:
       # The per-stage norms of the official dense-prediction backbones (norm0/2/4/6).
@@ -231,9 +243,22 @@ class SPANet(nn.Module):
       features = tuple(norm(f) for norm, f in zip(self.out_norms, features))
     return features
 
+  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """The last stage's output (B, H/32, W/32, C3), before the head's norm (timm's
+    forward_features)."""
+    if self.features_only:
+      raise ValueError("a features_only model has no head: its __call__ returns the stage maps")
+    return self.stage_features(x, train)[-1]
+
+  def forward_head(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
+    """Norm, global average pool and classifier of forward_features' output;
+    `pre_logits=True` stops before the classifier (the pooled, normalised features)."""
+    x = self.norm(x)
+    x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
+    return x if pre_logits or self.num_classes == 0 else self.head(x)
+
   def __call__(self, x: jax.Array, train: bool = False):
     if self.features_only:
-      return self.stage_features(x, train)
-    x = self.norm(self.stage_features(x, train)[-1])
-    x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
-    return self.head(x) if self.num_classes > 0 else x
+      features = self.stage_features(x, train)
+      return tuple(features[i] for i in self.out_indices)
+    return self.forward_head(self.forward_features(x, train))

@@ -305,6 +305,11 @@ class SPANetV2(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
+  @property
+  def feature_info(self) -> list[dict]:
+    """timm's feature_info: channels (`num_chs`) and stride (`reduction`) per stage."""
+    return layers.feature_info(self.dims)
+
   def setup(self):
     self.backbone = SPANetV2Backbone(**layers.fields_for(SPANetV2Backbone, self))
     self.norm = _layer_norm(True, 1e-6, self.dtype, self.param_dtype, None)
@@ -316,7 +321,16 @@ class SPANetV2(nn.Module):
     """The four stage outputs (B, H/4, W/4, C0) ... (B, H/32, W/32, C3)."""
     return self.backbone(x, train)
 
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = self.backbone(x, train)[-1]
+  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """The last stage's output (B, H/32, W/32, C3) (timm's forward_features)."""
+    return self.backbone(x, train)[-1]
+
+  def forward_head(self, x: jax.Array, pre_logits: bool = False,
+                   train: bool = False) -> jax.Array:
+    """Global average pool, norm and MLP head of forward_features' output;
+    `pre_logits=True` stops before the head (the pooled, normalised features)."""
     x = self.norm(jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype))
-    return self.head(x, train) if self.num_classes > 0 else x
+    return x if pre_logits or self.num_classes == 0 else self.head(x, train)
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    return self.forward_head(self.forward_features(x, train), train=train)
