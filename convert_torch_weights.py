@@ -65,7 +65,7 @@ def _report(results) -> bool:
 
 
 def to_flax(args) -> int:
-  from spanet_jax import checkpoint, convert, registry, verify  # pylint: disable=g-import-not-at-top
+  from spanet_jax import checkpoint, convert, labels, registry, verify  # pylint: disable=g-import-not-at-top
 
   state_dict = convert.load_state_dict_file(args.input)
   name, overrides, params = convert.torch_to_flax(state_dict, args.model, args.learnable_masks)
@@ -76,8 +76,14 @@ def to_flax(args) -> int:
       print(f"error: not written: the converted model disagrees with the reference",
             file=sys.stderr)
       return 1
-  checkpoint.save_pretrained(args.output, name, params, overrides,
-                             extra={"source": os.path.basename(args.input)},
+  extra = {"source": os.path.basename(args.input)}
+  if not overrides.get("features_only") and overrides.get(
+      "num_classes", registry.model_info(name).num_classes) == labels.NUM_IMAGENET_CLASSES:
+    try:
+      extra["class_names"] = list(labels.imagenet_class_names())
+    except labels.LabelsError:
+      pass  # the tools fall back to the same names when they can read them
+  checkpoint.save_pretrained(args.output, name, params, overrides, extra=extra,
                              overwrite=args.overwrite)
   print(f"wrote {args.output} (load with spanet_jax.load_pretrained)")
   return 0

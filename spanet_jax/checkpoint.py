@@ -1,7 +1,8 @@
 """Pretrained-weight directories: what the converter writes and `load_pretrained` reads.
 
-A directory holds `spanet.json` (the model name and the create_model options that
-rebuild it) and `params/`, an Orbax checkpoint of the Flax params. It is written
+A directory holds `spanet.json` (the model name, the create_model options that rebuild
+it, the module's full arguments, the preprocessing the weights expect and, where known,
+the class names) and `params/`, an Orbax checkpoint of the Flax params. It is written
 into a temporary sibling and renamed into place, so a failed write leaves nothing.
 """
 
@@ -38,7 +39,7 @@ def save_pretrained(directory: str, model_name: str, params: Mapping,
   With several JAX processes every process must call it (Orbax writes collectively);
   process 0 writes the metadata and moves the result into place.
   """
-  registry.model_info(model_name)  # fail early on an unknown name
+  info = registry.model_info(model_name)  # fails early on an unknown name
   directory = os.path.abspath(directory)
   if os.path.exists(directory) and not overwrite:
     raise CheckpointError(f"{directory} already exists; choose a new directory or overwrite it")
@@ -51,7 +52,8 @@ def save_pretrained(directory: str, model_name: str, params: Mapping,
       shutil.rmtree(staging)
     os.makedirs(staging)
     metadata = {"format_version": FORMAT_VERSION, "model": model_name,
-                "overrides": _jsonable(dict(overrides or {})), **dict(extra or {})}
+                "overrides": _jsonable(dict(overrides or {})),
+                **describe_model(info, overrides), **dict(extra or {})}
     with open(os.path.join(staging, METADATA_FILE), "w") as f:
       json.dump(metadata, f, indent=2)
   _sync("spanet_jax.save_pretrained: staging ready")
@@ -73,6 +75,19 @@ def save_pretrained(directory: str, model_name: str, params: Mapping,
     if primary and os.path.exists(staging):
       shutil.rmtree(staging)
   _sync("spanet_jax.save_pretrained: done")
+
+
+def describe_model(info: registry.ModelInfo, overrides: Mapping[str, Any] | None) -> dict:
+  """What spanet.json records beyond the name, so that a reader needs no registry: the
+  module's full arguments and the preprocessing the weights expect."""
+  overrides = dict(overrides or {})
+  jsonable = lambda v: _jsonable(v) if isinstance(v, (int, float, str, bool, list, tuple,
+                                                      dict, type(None))) else str(v)
+  architecture = {"family": info.family, "num_classes": info.num_classes,
+                  **{k: jsonable(v) for k, v in {**info.architecture, **overrides}.items()}}
+  data = {"input_size": info.input_size, "crop_pct": info.crop_pct,
+          "interpolation": info.interpolation, "mean": list(info.mean), "std": list(info.std)}
+  return {"architecture": architecture, "data": data}
 
 
 def _sync(name: str) -> None:

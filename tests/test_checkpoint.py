@@ -67,3 +67,21 @@ def test_create_model_refuses_weights_of_another_model(tiny_checkpoint):
   directory, _ = tiny_checkpoint
   with pytest.raises(checkpoint.CheckpointError, match="holds spanet_tiny_test weights"):
     spanet_jax.create_model("spanet_s", pretrained=directory)
+
+
+def test_spanet_json_describes_the_model_without_the_registry(tiny_checkpoint):
+  import json
+  import os
+  directory, _ = tiny_checkpoint
+  with open(os.path.join(directory, "spanet.json")) as f:
+    metadata = json.load(f)
+  assert metadata["architecture"] == {"family": "spanet", "num_classes": 1000,
+                                      "layers": [1, 1, 2, 1], "dims": [8, 16, 20, 32]}
+  assert metadata["data"] == {"input_size": 224, "crop_pct": 0.9, "interpolation": "bicubic",
+                              "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+  # The architecture alone rebuilds the module the weights belong to.
+  arch = {k: v for k, v in metadata["architecture"].items() if k != "family"}
+  model = spanet_jax.SPANet(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in arch.items()})
+  _, variables = spanet_jax.load_pretrained(directory)
+  assert model.apply(variables, jnp.ones((1, 64, 64, 3))).shape == (1, 1000)

@@ -1,5 +1,6 @@
 """convert_torch_weights.py and spanet_jax.convert: containers, round trips, bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -120,6 +121,10 @@ def test_cli_converts_verifies_loads_and_exports(small_checkpoint, tmp_path):
   assert "spanet_s" in stdout and "verification passed" in stdout
   assert stdout.count("top-1 agree 100%") == 4  # random and photos, at both sizes
 
+  metadata = json.loads((out / "spanet.json").read_text())
+  assert metadata["architecture"]["layers"] == [4, 4, 12, 4]
+  assert metadata["data"]["crop_pct"] == 0.9 and len(metadata["class_names"]) == 1000
+  assert metadata["class_names"][0].startswith("tench")
   model, variables = spanet_jax.load_pretrained(str(out))
   x = np.random.default_rng(0).standard_normal((2, 224, 224, 3)).astype(np.float32)
   with torch.no_grad():
