@@ -10,7 +10,7 @@ import importlib
 # Public names and the submodules that define them, imported on first use so that
 # `from spanet_jax import host_memory` runs before NumPy or JAX start any thread.
 _EXPORTS = {"load_pretrained": "checkpoint", "save_pretrained": "checkpoint",
-            "merge_pretrained": "checkpoint",
+            "merge_pretrained": "checkpoint", "restore_train_state": "checkpoint",
             "ModelInfo": "registry", "create_model": "registry", "list_models": "registry",
             "model_info": "registry", "SPANet": "spanet"}
 

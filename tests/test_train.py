@@ -264,6 +264,14 @@ def test_two_processes_through_jax_distributed(tmp_path, data_dir):
   assert any("eval top-1" in line for line in logged[0])
   assert os.path.isdir(workdir / "final")
 
+  # The two processes' state checkpoint restores here, on one device.
+  import spanet_jax
+  state = spanet_jax.restore_train_state(str(workdir))
+  assert int(state["step"]) == 44
+  _, final = spanet_jax.load_pretrained(str(workdir / "final"))
+  for restored, saved in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(final["params"])):
+    np.testing.assert_array_equal(np.asarray(restored), np.asarray(saved))
+
   # One process resumes the two's run: the batches do not depend on the process count.
   more = run_train(workdir, "--config.num_epochs=3", data_dir=data_dir)
   assert more.returncode == 0, why(more.stderr)
