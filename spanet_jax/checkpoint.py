@@ -173,12 +173,18 @@ def load_pretrained(directory: str, *, rng: jax.Array | None = None,
   """
   metadata = read_metadata(directory)
   name = metadata["model"]
+  try:
+    described = registry.create_model(name, **metadata["overrides"])
+  except (TypeError, ValueError) as err:
+    raise CheckpointError(f"{directory}/{METADATA_FILE}: its overrides do not build "
+                          f"{name}: {err}") from None
   model = registry.create_model(name, **{**metadata["overrides"], **overrides})
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       params = checkpointer.restore(os.path.join(os.path.abspath(directory), PARAMS_DIR))
   except (FileNotFoundError, ValueError, OSError) as err:
     raise CheckpointError(f"cannot read the params in {directory}: {err}") from None
+  check_params(directory, described, params, metadata["overrides"])
   size = registry.model_info(name).input_size
   images = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
   key = jax.random.PRNGKey(0) if rng is None else rng
@@ -192,6 +198,26 @@ def load_pretrained(directory: str, *, rng: jax.Array | None = None,
   if return_report:
     return model, {"params": params}, report
   return model, {"params": params}
+
+
+def check_params(path: str, model, params, options: Mapping[str, Any]) -> None:
+  """Refuse weights that do not fit the model a checkpoint's metadata describes (the
+  weights of another variant, a damaged or edited spanet.json), naming what differs."""
+  size = 64
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
+  want = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected["params"]), sep="/")
+  have = flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(params)), sep="/")
+  problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+  problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+  problems += [f"{k}: shape {tuple(np.shape(have[k]))}, the model needs {tuple(want[k].shape)}"
+               for k in sorted(set(want) & set(have))
+               if tuple(np.shape(have[k])) != tuple(want[k].shape)]
+  if problems:
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5
+                                       else "")
+    raise CheckpointError(f"the weights in {path} do not fit the model its metadata describes "
+                          f"({model.__class__.__name__} with {dict(options)}): {shown}")
 
 
 def _same_structure(a, b) -> bool:

@@ -16,7 +16,6 @@ import sys
 import zipfile
 from typing import Any, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,7 +101,7 @@ def _load_pretrained_dir(path: str, overrides: dict) -> LoadedModel:
   metadata = checkpoint.read_metadata(path)
   model, variables = checkpoint.load_pretrained(path, **overrides)
   name = metadata["model"]
-  _check_params(path, model, variables, metadata["overrides"])
+  checkpoint.check_params(path, model, variables["params"], metadata["overrides"])
   num_classes = _num_classes(model)
   class_names = tuple(metadata.get("class_names") or default_class_names(num_classes))
   if len(class_names) != num_classes:
@@ -136,7 +135,7 @@ def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
   params = jax.tree.map(np.asarray, params)
   model = registry.create_model(name, **{**options, **overrides})
   variables = {"params": params}
-  _check_params(best, model, variables, options)
+  checkpoint.check_params(best, model, variables["params"], options)
   num_classes = config["num_classes"]
   crop_pct = config.get("crop_pct", -1)
   data = data_config(name, {"input_size": config.get("image_size"),
@@ -147,7 +146,7 @@ def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
 
 
 def _num_classes(model) -> int:
-  """Classes of the head (checked against the weights by _check_params); 0 for a
+  """Classes of the head (checked against the weights by checkpoint.check_params); 0 for a
   dense-prediction backbone, which has none."""
   return 0 if getattr(model, "features_only", False) else int(model.num_classes)
 
@@ -156,24 +155,6 @@ def require_classifier(loaded: LoadedModel) -> None:
   if loaded.num_classes == 0:
     raise CheckpointError(f"{loaded.path} is a backbone without a classifier head "
                           f"({loaded.name}, features_only); predict and evaluate need one")
-
-
-def _check_params(path: str, model, variables, options: dict) -> None:
-  """Refuse weights that do not fit the model the metadata describes."""
-  size = 64
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
-  want = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected["params"]), sep="/")
-  have = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables["params"]), sep="/")
-  problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
-  problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
-  problems += [f"{k}: shape {tuple(np.shape(have[k]))}, the model needs {tuple(want[k].shape)}"
-               for k in sorted(set(want) & set(have))
-               if tuple(np.shape(have[k])) != tuple(want[k].shape)]
-  if problems:
-    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5
-                                       else "")
-    raise CheckpointError(f"the weights in {path} do not fit the model its metadata describes "
-                          f"({model.__class__.__name__} with {options}): {shown}")
 
 
 def predict_fn(loaded: LoadedModel):

@@ -85,3 +85,20 @@ def test_spanet_json_describes_the_model_without_the_registry(tiny_checkpoint):
                                for k, v in arch.items()})
   _, variables = spanet_jax.load_pretrained(directory)
   assert model.apply(variables, jnp.ones((1, 64, 64, 3))).shape == (1, 1000)
+
+
+def test_weights_that_do_not_fit_their_description_are_refused(tiny_checkpoint, tmp_path):
+  """Weights under another model's description (here: an edited spanet.json) are never
+  used, not even by a load whose options would re-initialise the misfit."""
+  import json
+  import shutil
+  directory, _ = tiny_checkpoint
+  edited = tmp_path / "edited"
+  shutil.copytree(directory, edited)
+  metadata = json.loads((edited / "spanet.json").read_text())
+  metadata["overrides"] = {"dims": [8, 16, 20, 40]}
+  (edited / "spanet.json").write_text(json.dumps(metadata))
+  for overrides in ({}, {"num_classes": 10}):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"do not fit the model its metadata describes.*shape"):
+      spanet_jax.load_pretrained(str(edited), **overrides)
