@@ -102,3 +102,15 @@ def test_weights_that_do_not_fit_their_description_are_refused(tiny_checkpoint, 
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"do not fit the model its metadata describes.*shape"):
       spanet_jax.load_pretrained(str(edited), **overrides)
+
+
+def test_converted_weights_run_from_flax_nnx(tiny_checkpoint):
+  from flax import nnx
+  from spanet_jax import nnx_interop
+  directory, _ = tiny_checkpoint
+  model, variables = spanet_jax.load_pretrained(directory)
+  module = nnx_interop.to_nnx(model, variables)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
+  np.testing.assert_array_equal(module(images, train=False), model.apply(variables, images))
+  params = nnx.state(module, nnx.Param)
+  assert len(jax.tree.leaves(params)) == len(jax.tree.leaves(variables["params"]))
