@@ -426,3 +426,61 @@ def save_state_dict_file(state_dict: Mapping[str, np.ndarray], path: str) -> Non
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+# Block and stage indices in keys and paths, generalised for the key tables in docs/.
+_INDEX_PATTERNS = (
+    (re.compile(r"^network\.(\d+)\.(\d+)\."), "network.{2s}.{b}."),
+    (re.compile(r"^network\.(\d+)\.proj"), "network.{2s-1}.proj"),
+    (re.compile(r"^stages\.(\d+)\.(\d+)\."), "stages.{s}.{b}."),
+    (re.compile(r"^downsample_layers\.(\d+)\."), "downsample_layers.{s}."),
+    (re.compile(r"^norm\d\."), "norm{2s}."),
+    (re.compile(r"stage\d+_block\d+"), "stage{s}_block{b}"),
+    (re.compile(r"downsample\d+"), "downsample{s}"),
+    (re.compile(r"out_norms_\d+"), "out_norms_{s}"),
+)
+_KIND_NOTES = {
+    CONV: "conv kernel, (O, I, kh, kw) -> (kh, kw, I, O)",
+    POINTWISE: "1x1 conv as a Dense kernel, (O, I, 1, 1) -> (I, O)",
+    LINEAR: "linear kernel, (O, I) -> (I, O)",
+    VECTOR: "vector, unchanged",
+    AS_IS: "unchanged",
+    GROUPED: "grouped 1x1 conv, (O, I/G, 1, 1) -> (G, I/G, O/G)",
+    MASK: "(1, H, W) centred mask -> row k of spectral_masks (3, H, W) (learnable_masks "
+          "only; otherwise checked against the formula and not stored)",
+}
+
+
+def _generalise(text: str) -> str:
+  for pattern, replacement in _INDEX_PATTERNS:
+    text = pattern.sub(replacement, text)
+  return text
+
+
+def key_table_markdown() -> str:
+  """docs/checkpoint_keys.md: every official key pattern of both families (classifier
+  and dense-prediction backbone) with its Flax parameter path, from the converter's own
+  key tables."""
+  from spanet_jax import registry  # pylint: disable=g-import-not-at-top  (registry -> models)
+  sections = [("SPANet (`spanet_s`; every variant has the same patterns)", "spanet_s", {}),
+              ("SPANet dense-prediction backbone (`features_only=True`)", "spanet_s",
+               {"features_only": True}),
+              ("SPANetV2 hybrid (`spanetv2_s18_hybrid`; pure models lack the attention rows)",
+               "spanetv2_s18_hybrid", {})]
+  lines = ["# Official checkpoint keys and Flax parameter paths", "",
+           "Generated from `spanet_jax.convert`'s key tables (`python -c \"from spanet_jax "
+           "import convert; print(convert.key_table_markdown())\" > docs/checkpoint_keys.md`"
+           "; a test keeps it current). `{s}` is the stage (0-3), `{b}` the block within it; "
+           "Flax paths are under `params`.", ""]
+  for title, name, overrides in sections:
+    model = registry.create_model(name, **overrides)
+    entries = family_key_map(architecture_of(model), model.res_scale_stages)
+    lines += [f"## {title}", "", "| official key | Flax path | conversion |", "| --- | --- | --- |"]
+    seen = set()
+    for entry in entries:
+      row = (_generalise(entry.torch_key), _generalise("/".join(entry.flax_path)), entry.kind)
+      if row not in seen:
+        seen.add(row)
+        lines.append(f"| `{row[0]}` | `{row[1]}` | {_KIND_NOTES[entry.kind]} |")
+    lines.append("")
+  return "\n".join(lines)

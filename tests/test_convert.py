@@ -252,3 +252,10 @@ def test_to_torch_rejects_a_non_checkpoint_directory(tmp_path):
                             "--output", tmp_path / "x.pth")
   assert code == 2 and "not a spanet-jax checkpoint" in stderr
   assert not (tmp_path / "x.pth").exists()
+
+
+def test_the_key_table_in_docs_is_the_converters():
+  with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                         "checkpoint_keys.md")) as f:
+    assert f.read() == convert.key_table_markdown() + "\n", (
+        "docs/checkpoint_keys.md is stale: regenerate it with the command at its top")
