@@ -19,6 +19,8 @@ def user_errors() -> tuple[type[Exception], ...]:
   errors = [UsageError, checkpoint.CheckpointError, preprocess.ImageError, labels.LabelsError]
   if "spanet_jax.data" in sys.modules:  # only tools that read datasets import TensorFlow
     errors.append(sys.modules["spanet_jax.data"].DataError)
+  if "spanet_jax.export" in sys.modules:
+    errors.append(sys.modules["spanet_jax.export"].ExportError)
   return tuple(errors)
 
 

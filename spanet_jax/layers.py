@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from spanet_jax import platform
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -49,7 +51,7 @@ def batch_parts_for(batch: int, parts: int | None) -> int:
   """How many parts `in_batch_parts` cuts a batch into: `parts` if given (it must
   divide the batch), else 2 on a single CPU device when the batch is even, else 1."""
   if parts is None:
-    single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    single_cpu = platform.single_cpu_device()
     return 2 if single_cpu and batch % 2 == 0 else 1
   if parts < 1 or batch % parts:
     raise ValueError(f"batch_parts={parts} must be a positive divisor of the batch ({batch})")
@@ -202,7 +204,7 @@ class ChannelLayerNorm(nn.Module):
             if self.use_bias else None)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     values = x.astype(dtype)
-    if jax.default_backend() == "cpu":
+    if platform.backend() == "cpu":
       column = jnp.full((channels, 1), 1.0 / channels, dtype)
       channel_mean = lambda y: y @ column
     else:
@@ -256,7 +258,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float
   at SPANetV2's stage-3 shapes. Its gradient is the usual form's, which differentiated
   ran faster than this one.
   """
-  if jax.default_backend() == "cpu":
+  if platform.backend() == "cpu":
     return _keys_first_attention(q, k, v, scale)
   return _softmax_attention(q, k, v, scale)
 
@@ -266,6 +268,8 @@ _INV_SQRT_2PI = np.float32(1.0 / np.sqrt(2.0 * np.pi))
 
 
 def _gelu(x: jax.Array) -> jax.Array:
+  if platform.portable():  # the same function; TensorFlow cannot read erf's composite op
+    return 0.5 * x * jax.lax.erfc(-x * _INV_SQRT2).astype(x.dtype)
   return 0.5 * x * (1.0 + jax.lax.erf(x * _INV_SQRT2).astype(x.dtype))
 
 
@@ -368,7 +372,7 @@ class StridedConv(nn.Module):
     pad, stride = self.padding, self.strides
     impl = self.impl
     if impl == "auto":
-      impl = "im2col" if jax.default_backend() == "cpu" and in_features >= 16 else "conv"
+      impl = "im2col" if platform.backend() == "cpu" and in_features >= 16 else "conv"
     if impl == "conv":
       y = jax.lax.conv_general_dilated(
           x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
@@ -594,7 +598,7 @@ class DepthwiseConv(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     impl = self.impl
     if impl == "auto":
-      impl = "shift" if jax.default_backend() == "cpu" else "conv"
+      impl = "shift" if platform.backend() == "cpu" else "conv"
     if impl == "shift":
       return shifted_depthwise_sum(x, kernel[:, :, 0], bias)
     if impl != "conv":

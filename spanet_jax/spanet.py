@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from spanet_jax import layers, spectral
+from spanet_jax import layers, platform, spectral
 
 Dtype = Any
 # How the spectral filter is computed; all are exact (see spectral.py).
@@ -34,7 +34,7 @@ class SPAM(nn.Module):
     if impl == "auto":
       if not self.learnable_masks:
         return "lowrank"
-      return "fft" if jax.default_backend() == "cpu" else "dft"
+      return "fft" if platform.backend() == "cpu" else "dft"
     if impl == "lowrank" and self.learnable_masks:
       raise ValueError("spectral_impl='lowrank' needs the fixed masks; with learnable masks "
                        "use 'fft' or 'dft'")

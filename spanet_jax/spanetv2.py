@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from spanet_jax import layers, spectral
+from spanet_jax import layers, platform, spectral
 
 Dtype = Any
 TOKEN_MIXERS = ("exspam", "mixattention", "attention")
@@ -63,7 +63,7 @@ class ExSPAM(nn.Module):
       raise ValueError(f"unknown spectral_impl {self.spectral_impl!r} for SPANetV2; choose "
                        f"from {', '.join(SPECTRAL_IMPLS)}")
     if self.spectral_impl == "auto":
-      return "fft" if jax.default_backend() == "cpu" else "dft"
+      return "fft" if platform.backend() == "cpu" else "dft"
     return self.spectral_impl
 
   def _half_masks(self, group: int, height: int, width: int) -> jax.Array:
