@@ -101,6 +101,12 @@ def read_metadata(directory: str) -> dict[str, Any]:
   if not os.path.isdir(directory):
     raise CheckpointError(f"no such checkpoint directory: {directory}")
   if not os.path.isfile(path):
+    if os.path.isfile(os.path.join(directory, "config.json")) and os.path.isdir(
+        os.path.join(directory, "checkpoints")):
+      raise CheckpointError(
+          f"{directory} is a train.py workdir: its trained weights are in "
+          f"{os.path.join(directory, 'final')} (written when training ends); "
+          f"spanet_jax.restore_train_state reads its state checkpoints")
     raise CheckpointError(f"{directory} is not a spanet-jax checkpoint (no {METADATA_FILE})")
   try:
     with open(path) as f:

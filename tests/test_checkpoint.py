@@ -114,3 +114,11 @@ def test_converted_weights_run_from_flax_nnx(tiny_checkpoint):
   np.testing.assert_array_equal(module(images, train=False), model.apply(variables, images))
   params = nnx.state(module, nnx.Param)
   assert len(jax.tree.leaves(params)) == len(jax.tree.leaves(variables["params"]))
+
+
+def test_a_train_workdir_points_at_its_final_weights(tmp_path):
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  (workdir / "config.json").write_text("{}")
+  with pytest.raises(checkpoint.CheckpointError, match=r"train.py workdir: .*run/final"):
+    spanet_jax.load_pretrained(str(workdir))
