@@ -33,8 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="a converted checkpoint, a train.py workdir, or init:MODEL")
   parser.add_argument("--data", required=True,
                       help="DATASET:SPLIT (TFDS) or a class-per-folder directory")
-  parser.add_argument("--data-dir", default="", help="TFDS data directory")
-  parser.add_argument("--manual-dir", default="", help="TFDS manual download directory")
+  # The underscore spellings are train.py's (--config.data_dir, --config.manual_dir).
+  parser.add_argument("--data-dir", "--data_dir", dest="data_dir", default="",
+                      help="TFDS data directory")
+  parser.add_argument("--manual-dir", "--manual_dir", dest="manual_dir", default="",
+                      help="TFDS manual download directory")
   parser.add_argument("--batch-size", type=int, default=64,
                       help="global batch, a multiple of the device count")
   parser.add_argument("--output", default=None, help="write the result as JSON here")

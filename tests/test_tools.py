@@ -209,9 +209,9 @@ def test_evaluate_on_a_tfds_split_counts_every_example(tmp_path, tiny_variables)
   split = tfds.builder("sklearn_digits", data_dir=str(tmp_path / "tfds")).as_data_source("test")
   assert sorted(int(r["label"]) for r in rows) == sorted(  # the split's own labels
       int(example["label"]) for example in split)
-  # A 1000-class model cannot be scored on 10 classes.
+  # A 1000-class model cannot be scored on 10 classes (--data_dir: train.py's spelling).
   code, _, stderr = run_main(evaluate.main, "--checkpoint", "init:" + TINY, "--data",
-                             "sklearn_digits:test", "--data-dir", tmp_path / "tfds")
+                             "sklearn_digits:test", "--data_dir", tmp_path / "tfds")
   assert code == 2 and "has 10 classes but the checkpoint's model has 1000" in stderr
 
 
