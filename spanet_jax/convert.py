@@ -306,6 +306,11 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], model_name: str | None =
   if problems:
     raise ConversionError(f"the file does not fit {model_name}: {'; '.join(problems)}. "
                           f"The file looks like {describe(arch)}.")
+  non_finite = [key for key in expected_keys
+                if not np.all(np.isfinite(np.asarray(state_dict[key], np.float64)))]
+  if non_finite:
+    raise ConversionError(f"the file holds NaN or infinite values in {_list(sorted(non_finite))}"
+                          f": damaged or diverged weights are not converted")
 
   wanted = _param_shapes(model)
   params: dict = {}

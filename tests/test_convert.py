@@ -187,6 +187,11 @@ def _bad_input_cases(tmp_path, tiny_state_dict, small_path):
   bad_mask = dict(sd)
   bad_mask["network.6.0.token_mixer.sps.2.filter"] = sd[
       "network.6.0.token_mixer.sps.2.filter"] * 1.5
+  nan_weight = dict(sd)
+  nan_weight["network.4.1.mlp.fc1.weight"] = np.where(
+      np.arange(sd["network.4.1.mlp.fc1.weight"].size).reshape(
+          sd["network.4.1.mlp.fc1.weight"].shape) == 7, np.nan,
+      sd["network.4.1.mlp.fc1.weight"]).astype(np.float32)
   truncated = tmp_path / "truncated.pth"
   truncated.write_bytes(open(small_path, "rb").read()[:100_000])
   text = tmp_path / "notes.pth"
@@ -207,6 +212,8 @@ def _bad_input_cases(tmp_path, tiny_state_dict, small_path):
                          r"\(expected \(16, 6, 1, 1\)\)"),
       "mask": (["--input", _save(tmp_path, bad_mask, "k.pth")],
                "network.6.0.token_mixer.sps.2.filter differs from SPANet's mask formula"),
+      "NaN weight": (["--input", _save(tmp_path, nan_weight, "nan.pth")],
+                     "NaN or infinite values in network.4.1.mlp.fc1.weight"),
       "wrong model": (["--input", small_path, "--model", "spanet_m"],
                       "does not fit spanet_m: missing keys: network.0.4.norm1.weight.*"
                       r"looks like spanet_s \(layers \[4, 4, 12, 4\]"),
@@ -218,8 +225,8 @@ def _bad_input_cases(tmp_path, tiny_state_dict, small_path):
 
 
 CASES = ["no such file", "truncated", "not a checkpoint", "pickled object", "missing key",
-         "unexpected key", "mis-shaped key", "mask", "wrong model", "unknown model",
-         "unregistered shape"]
+         "unexpected key", "mis-shaped key", "mask", "NaN weight", "wrong model",
+         "unknown model", "unregistered shape"]
 
 
 @pytest.mark.parametrize("case", CASES)
