@@ -7,8 +7,8 @@
 stablehlo: a jax.export artifact, `jax.export.deserialize(open(path, "rb").read())
 .call(images)` -> logits, for every platform in --platforms. savedmodel: a TensorFlow
 SavedModel whose `serving_default` signature takes `images` (float32 NHWC) and returns
-`logits`, runnable from TensorFlow alone (TF Serving). tflite: through the SavedModel,
-converted from that SavedModel (fixed batch, default 1). Images are prepared as for predict.py (the model's
+`logits`, runnable from TensorFlow alone (TF Serving). tflite: converted from such a
+SavedModel (fixed batch, default 1). Images are prepared as for predict.py (the model's
 metadata: resize, centre crop, normalise). Every artifact is run on random images and
 compared with the JAX model before it is kept. Exit status: 0 done, 1 the artifact
 disagrees with the model (nothing kept), 2 bad input (nothing written).
