@@ -160,7 +160,15 @@ def require_classifier(loaded: LoadedModel) -> None:
 def predict_fn(loaded: LoadedModel):
   """A jitted images -> float32 logits function."""
   apply = jax.jit(lambda variables, images: loaded.model.apply(variables, images, train=False))
-  return lambda images: apply(loaded.variables, jnp.asarray(images)).astype(jnp.float32)
+
+  def logits(images) -> np.ndarray:
+    result = np.asarray(apply(loaded.variables, jnp.asarray(images)), np.float32)
+    if not np.all(np.isfinite(result)):
+      raise CheckpointError(f"the model from {loaded.path} computes NaN or infinite logits: "
+                            f"its weights are damaged; nothing is reported")
+    return result
+
+  return logits
 
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -142,6 +142,12 @@ def test_predict_bad_input_is_one_message_and_writes_nothing(tmp_path, official)
   model = spanet_jax.create_model(TINY, features_only=True)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
   spanet_jax.save_pretrained(str(backbone), TINY, params, {"features_only": True})
+  diverged = tmp_path / "diverged"  # a classifier whose head holds a NaN
+  _, variables = spanet_jax.load_pretrained(converted)
+  params = jax.tree.map(np.asarray, variables["params"])
+  params["head"]["bias"] = params["head"]["bias"].copy()
+  params["head"]["bias"][3] = np.nan
+  spanet_jax.save_pretrained(str(diverged), TINY, params)
   broken = tmp_path / "broken.jpg"
   broken.write_bytes(b"\xff\xd8 this is not a JPEG")
   photo = preprocess.sample_photo_paths()[0]
@@ -150,10 +156,14 @@ def test_predict_bad_input_is_one_message_and_writes_nothing(tmp_path, official)
                         ((tmp_path / "nope.png", "--checkpoint", converted), "no such image"),
                         ((photo, "--checkpoint", pth), "PyTorch file"),
                         ((photo, "--checkpoint", backbone), "without a classifier head"),
-                        ((photo, "--checkpoint", converted, "--top-k", 0), "positive")]:
+                        ((photo, "--checkpoint", converted, "--top-k", 0), "positive"),
+                        ((photo, "--checkpoint", diverged), "NaN or infinite logits")]:
     code, _, stderr = run_main(predict.main, *args, "--json", out)
-    assert code == 2 and stderr.count("\n") == 1, stderr
-    assert re.search(message, stderr), stderr
+    lines = stderr.splitlines()
+    # One error line, last; only the model's description may precede it (once loaded).
+    assert code == 2 and lines[-1].startswith("error: ") and len(lines) <= 2, stderr
+    assert sum(line.startswith("error: ") for line in lines) == 1, stderr
+    assert re.search(message, lines[-1]), stderr
     assert not out.exists()
 
 
