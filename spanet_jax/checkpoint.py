@@ -9,6 +9,7 @@ into a temporary sibling and renamed into place, so a failed write leaves nothin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ def save_pretrained(directory: str, model_name: str, params: Mapping,
   primary = jax.process_index() == 0
   parent = os.path.dirname(directory)
   staging = os.path.join(parent, f".{os.path.basename(directory)}.staging")
+  host_params = jax.tree.map(np.asarray, dict(params))
   if primary:
     os.makedirs(parent, exist_ok=True)
     if os.path.exists(staging):
@@ -53,12 +55,12 @@ def save_pretrained(directory: str, model_name: str, params: Mapping,
     os.makedirs(staging)
     metadata = {"format_version": FORMAT_VERSION, "model": model_name,
                 "overrides": _jsonable(dict(overrides or {})),
-                **describe_model(info, overrides), **dict(extra or {})}
+                **describe_model(info, overrides), **dict(extra or {}),
+                "param_digests": param_digests(host_params)}
     with open(os.path.join(staging, METADATA_FILE), "w") as f:
       json.dump(metadata, f, indent=2)
   _sync("spanet_jax.save_pretrained: staging ready")
   try:
-    host_params = jax.tree.map(np.asarray, dict(params))
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(staging, PARAMS_DIR), host_params)
       checkpointer.wait_until_finished()
@@ -75,6 +77,32 @@ def save_pretrained(directory: str, model_name: str, params: Mapping,
     if primary and os.path.exists(staging):
       shutil.rmtree(staging)
   _sync("spanet_jax.save_pretrained: done")
+
+
+def param_digests(params: Mapping) -> dict[str, str]:
+  """A SHA-256 of every parameter's dtype, shape and bytes, by its "a/b/c" path: what
+  spanet.json records so that damaged array data is refused, not used."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(params)), sep="/")
+  digests = {}
+  for path in sorted(flat):
+    array = np.ascontiguousarray(np.asarray(flat[path]))
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.tobytes())
+    digests[path] = digest.hexdigest()
+  return digests
+
+
+def check_digests(directory: str, params: Mapping, recorded: Mapping[str, str]) -> None:
+  """Refuse params whose data differ from what was written (bit rot, a damaged copy)."""
+  computed = param_digests(params)
+  damaged = [path for path in sorted(set(recorded) | set(computed))
+             if recorded.get(path) != computed.get(path)]
+  if damaged:
+    raise CheckpointError(
+        f"the parameter data in {directory} is damaged: {damaged[0]}"
+        + (f" and {len(damaged) - 1} more" if len(damaged) > 1 else "")
+        + " differ from the checksums recorded when it was written; convert or export it "
+          "again from its source")
 
 
 def describe_model(info: registry.ModelInfo, overrides: Mapping[str, Any] | None) -> dict:
@@ -191,6 +219,8 @@ def load_pretrained(directory: str, *, rng: jax.Array | None = None,
   except (FileNotFoundError, ValueError, OSError) as err:
     raise CheckpointError(f"cannot read the params in {directory}: {err}") from None
   check_params(directory, described, params, metadata["overrides"])
+  if "param_digests" in metadata:  # written since checksums were recorded
+    check_digests(directory, params, metadata["param_digests"])
   size = registry.model_info(name).input_size
   images = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
   key = jax.random.PRNGKey(0) if rng is None else rng

@@ -122,3 +122,38 @@ def test_a_train_workdir_points_at_its_final_weights(tmp_path):
   (workdir / "config.json").write_text("{}")
   with pytest.raises(checkpoint.CheckpointError, match=r"train.py workdir: .*run/final"):
     spanet_jax.load_pretrained(str(workdir))
+
+
+def test_damaged_parameter_data_is_refused(tiny_checkpoint, tmp_path):
+  """Other array data under a checkpoint's spanet.json (here: another save's params/), or
+  flipped bytes in its data files, are refused by load_pretrained and --to-torch."""
+  import os
+  import shutil
+  import convert_torch_weights
+  from conftest import run_main
+  directory, stored = tiny_checkpoint
+  swapped = tmp_path / "swapped"
+  shutil.copytree(directory, swapped)
+  model = spanet_jax.create_model(TINY)
+  other = jax.jit(model.init)(jax.random.PRNGKey(4), jnp.zeros((1, 64, 64, 3)))["params"]
+  spanet_jax.save_pretrained(str(tmp_path / "other"), TINY, other)
+  shutil.rmtree(swapped / "params")
+  shutil.copytree(tmp_path / "other" / "params", swapped / "params")
+  with pytest.raises(checkpoint.CheckpointError, match=r"parameter data in .* is damaged: "
+                                                       r"backbone/\S+ and \d+ more differ"):
+    spanet_jax.load_pretrained(str(swapped))
+  code, _, stderr = run_main(convert_torch_weights.main, "--to-torch", "--input", swapped,
+                             "--output", tmp_path / "x.pth")
+  assert code == 2 and "is damaged" in stderr and not (tmp_path / "x.pth").exists()
+
+  flipped = tmp_path / "flipped"
+  shutil.copytree(directory, flipped)
+  data_files = [os.path.join(root, name) for root, _, names in os.walk(flipped / "params")
+                for name in names]
+  largest = max(data_files, key=os.path.getsize)
+  blob = bytearray(open(largest, "rb").read())
+  middle = len(blob) // 2
+  blob[middle:middle + 64] = bytes(b ^ 0xFF for b in blob[middle:middle + 64])
+  open(largest, "wb").write(bytes(blob))
+  with pytest.raises(checkpoint.CheckpointError):
+    spanet_jax.load_pretrained(str(flipped))
