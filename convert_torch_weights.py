@@ -47,10 +47,23 @@ class UsageError(Exception):
   pass
 
 
-def _check_output(path: str, overwrite: bool) -> None:
-  """Refuse to replace existing output unasked (its parents are created when writing)."""
-  if os.path.exists(path) and not overwrite:
-    raise UsageError(f"{path} already exists; pass --overwrite to replace it")
+def _check_output(path: str, overwrite: bool, is_directory: bool) -> None:
+  """Refuse, before any work, an output that exists (unless --overwrite), that is of the
+  wrong kind, or whose folder cannot be created or written (its parents are created when
+  writing)."""
+  if os.path.exists(path):
+    if not overwrite:
+      raise UsageError(f"{path} already exists; pass --overwrite to replace it")
+    if is_directory != os.path.isdir(path):
+      raise UsageError(f"--output {path} is a {'file' if is_directory else 'directory'}; "
+                       f"the output is a {'directory' if is_directory else 'file'}")
+  ancestor = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise UsageError(f"cannot create --output {path}: {ancestor} is a file")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise UsageError(f"cannot create --output {path}: {ancestor} is not writable")
 
 
 def _report(results) -> bool:
@@ -115,7 +128,7 @@ def main(argv=None) -> int:
   try:
     if args.model is not None:
       registry.model_info(args.model)
-    _check_output(args.output, args.overwrite)
+    _check_output(args.output, args.overwrite, is_directory=not args.to_torch)
     return to_torch(args) if args.to_torch else to_flax(args)
   except (UsageError, convert.ConversionError, checkpoint.CheckpointError,
           preprocess.ImageError, ValueError) as err:

@@ -253,6 +253,19 @@ def test_existing_output_is_not_overwritten(tmp_path, tiny_state_dict):
   assert sorted(os.listdir(out)) == ["params", "spanet.json"]
 
 
+def test_an_output_that_cannot_be_created_is_one_line(tmp_path, tiny_state_dict):
+  path = _save(tmp_path, tiny_state_dict, "tiny.pth")
+  a_file = tmp_path / "a_file"
+  a_file.write_text("keep")
+  for args, message in [(("--output", a_file / "sub" / "out"), "a_file is a file"),
+                        (("--output", a_file, "--overwrite"), "is a file; the output is a "
+                                                               "directory")]:
+    code, _, stderr = run_cli("--input", path, *args)
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert message in stderr, stderr
+  assert a_file.read_text() == "keep"
+
+
 def test_to_torch_rejects_a_non_checkpoint_directory(tmp_path):
   (tmp_path / "empty").mkdir()
   code, _, stderr = run_cli("--to-torch", "--input", tmp_path / "empty",
