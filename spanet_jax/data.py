@@ -284,11 +284,11 @@ def _eval_pixels(encoded: bytes, data_config: preprocess.DataConfig):
   try:
     with Image.open(io.BytesIO(encoded)) as image:
       image.load()
-      rgb = image if image.mode == "RGB" else image.convert("RGB")  # no copy when RGB
+      rgb = image if image.mode == "RGB" else preprocess.to_rgb(image)  # no copy when RGB
       pixels = preprocess.eval_pixels(rgb, data_config.input_size, data_config.crop_pct,
                                       data_config.interpolation)
       return pixels, np.bool_(True)
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, preprocess.ImageError):
     size = data_config.input_size
     return np.zeros((size, size, 3), np.uint8), np.bool_(False)
 

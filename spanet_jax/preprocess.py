@@ -33,15 +33,75 @@ def load_image(path: str):
     raise ImageError(f"no such image: {path}")
   try:
     with Image.open(path) as image:
-      return image.convert("RGB")
+      return to_rgb(image)
   except (UnidentifiedImageError, OSError, ValueError) as err:
     raise ImageError(f"cannot decode {path} as an image: {err}") from None
 
 
+def to_rgb(image):
+  """A PIL image of any mode -> an RGB PIL image of its content.
+
+  PIL's own conversion clips the wide single-channel modes to 0..255, which turns a
+  16-bit grey photograph white. Here they are scaled instead: 16-bit integers keep
+  their high byte (what PIL does with a 16-bit RGB PNG); 32-bit integers with values
+  in 0..65535 (PIL's mode for 16-bit data from some formats) likewise, wider ones
+  from 0..2**32-1; floats in [0, 1] are multiplied by 255, other float ranges map
+  linearly from their minimum and maximum.
+
+  Raises:
+    ValueError: a float image holding NaN or infinity.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  if image.mode == "RGB":
+    return image.copy()
+  if not (image.mode.startswith("I") or image.mode == "F"):
+    return image.convert("RGB")
+  values = np.asarray(image)
+  if image.mode == "F":
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+      raise ValueError("the image holds NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if low >= 0.0 and high <= 1.0:
+      grey = np.rint(values * 255.0)
+    else:
+      grey = np.rint((values - low) * (255.0 / max(high - low, 1e-30)))
+  else:
+    values = values.astype(np.int64)
+    if values.size and values.min() >= 0 and values.max() <= 0xFFFF:
+      grey = values >> 8
+    else:
+      grey = np.clip(values, 0, 0xFFFFFFFF) >> 24
+  grey = np.clip(grey, 0, 255).astype(np.uint8)
+  return Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB")
+
+
+# The shorter side is resized first, so an extreme aspect ratio makes a huge image
+# (a 1x20000 strip: 248 x 4,960,000 pixels, GBs). Refused above this many pixels,
+# an aspect ratio of about 270:1 at 224 px; photographs are far below.
+MAX_RESIZED_PIXELS = 1 << 24
+
+
 def eval_pixels(image, input_size: int = 224, crop_pct: float = 0.9,
                 interpolation: str = "bicubic") -> np.ndarray:
-  """A PIL RGB image -> its resized, centre-cropped (input_size, input_size, 3) uint8
-  pixels, as timm's eval transform computes them before ToTensor."""
+  """A PIL RGB image -> its resized, centre-cropped uint8 pixels, as timm's eval
+  transform computes them before ToTensor.
+
+  Args:
+    image: an RGB PIL image.
+    input_size: side of the square crop.
+    crop_pct: the shorter side is first resized to floor(input_size / crop_pct).
+    interpolation: "bicubic", "bilinear" or "nearest".
+
+  Returns:
+    (input_size, input_size, 3) uint8 array.
+
+  Raises:
+    ImageError: the resized image would exceed MAX_RESIZED_PIXELS (an aspect ratio no
+      photograph has). Cropping first would bound the memory but not give PIL's
+      pixels, so such images are refused rather than prepared differently.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   scale_size = math.floor(input_size / crop_pct)
@@ -50,6 +110,13 @@ def eval_pixels(image, input_size: int = 224, crop_pct: float = 0.9,
     new_size = (scale_size, int(scale_size * height / width))
   else:
     new_size = (int(scale_size * width / height), scale_size)
+  if new_size[0] * new_size[1] > MAX_RESIZED_PIXELS:
+    raise ImageError(
+        f"a {width}x{height} image has an aspect ratio of "
+        f"{max(width, height) / min(width, height):.0f}:1; resizing its shorter side to "
+        f"{scale_size} px would make a {new_size[0]}x{new_size[1]} image, above the "
+        f"{MAX_RESIZED_PIXELS:,}-pixel limit (about "
+        f"{MAX_RESIZED_PIXELS / scale_size ** 2:.0f}:1 at this size)")
   image = image.resize(new_size, getattr(Image.Resampling, _RESAMPLE[interpolation]))
   width, height = image.size
   top = int(round((height - input_size) / 2.0))

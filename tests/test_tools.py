@@ -167,6 +167,78 @@ def test_predict_bad_input_is_one_message_and_writes_nothing(tmp_path, official)
     assert not out.exists()
 
 
+def test_wide_image_modes_load_as_their_content(tmp_path):
+  """16- and 32-bit integer and float images are scaled to 8 bits, not clipped."""
+  from PIL import Image
+  grey8 = np.asarray(preprocess.load_image(preprocess.sample_photo_paths()[0]).convert("L"))
+  want = np.stack([grey8] * 3, axis=-1)
+  files = {"grey16.png": Image.fromarray(grey8.astype(np.uint16) * 257),
+           "grey32.tif": Image.fromarray(grey8.astype(np.int32) * 257, "I"),
+           "unit_float.tif": Image.fromarray(grey8.astype(np.float32) / 255.0, "F"),
+           "wide_float.tif": Image.fromarray(grey8.astype(np.float32) * 4.0 - 300.0, "F")}
+  for name, image in files.items():
+    image.save(tmp_path / name)
+    with Image.open(tmp_path / name) as opened:
+      assert opened.mode in ("I;16", "I", "F"), (name, opened.mode)  # the case under test
+    loaded = np.asarray(preprocess.load_image(str(tmp_path / name)))
+    if name == "wide_float.tif":  # any float range maps linearly onto 0..255
+      span = float(grey8.max()) - float(grey8.min())
+      want_wide = np.rint((grey8.astype(np.float64) - grey8.min()) * 255.0 / span)
+      np.testing.assert_array_equal(loaded[..., 0], want_wide.astype(np.uint8))
+    else:
+      np.testing.assert_array_equal(loaded, want, err_msg=name)
+  nan = grey8.astype(np.float32)
+  nan[0, 0] = np.nan
+  Image.fromarray(nan, "F").save(tmp_path / "nan.tif")
+  with pytest.raises(preprocess.ImageError, match="NaN"):
+    preprocess.load_image(str(tmp_path / "nan.tif"))
+
+
+def test_predict_classifies_a_16_bit_grey_png_as_its_8_bit_version(tmp_path, official):
+  from PIL import Image
+  _, converted, _ = official
+  grey8 = np.asarray(preprocess.load_image(preprocess.sample_photo_paths()[0]).convert("L"))
+  Image.fromarray(grey8).save(tmp_path / "grey8.png")
+  Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+  results = {}
+  for name in ("grey8", "grey16"):
+    out = tmp_path / f"{name}.json"
+    code, _, stderr = run_main(predict.main, tmp_path / f"{name}.png", "--checkpoint",
+                               converted, "--json", out)
+    assert code == 0, stderr
+    results[name] = json.loads(out.read_text())["predictions"][0]["top"]
+  assert results["grey16"] == results["grey8"]
+
+
+def test_predict_refuses_an_extreme_aspect_ratio_in_bounded_memory(tmp_path, official):
+  """A 1x20000 strip would be resized to 248 x 4,960,000 pixels: refused with one line,
+  the whole process staying far below 3 GB."""
+  from PIL import Image
+  _, converted, _ = official
+  strip = tmp_path / "strip.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (20000, 1, 3), np.uint8)).save(strip)
+  out = tmp_path / "predictions.json"
+  script = ("import resource, sys, predict\n"
+            "from spanet_jax import registry\n"
+            f"registry.register(registry.ModelInfo(name={TINY!r}, family='spanet', "
+            f"architecture={TINY_ARCH!r}))\n"
+            "code = predict.main(sys.argv[1:])\n"
+            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "print(f'peak_kib={peak}', file=sys.stderr)\n"
+            "sys.exit(code)\n")
+  result = subprocess.run([sys.executable, "-c", script, str(strip), "--checkpoint",
+                           converted, "--json", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, check=False)
+  lines = result.stderr.splitlines()
+  errors = [line for line in lines if line.startswith("error: ")]
+  assert result.returncode == 2 and len(errors) == 1, result.stderr
+  assert "aspect ratio of 20000:1" in errors[0], result.stderr
+  assert "Traceback" not in result.stderr
+  peak_kib = int(lines[-1].split("=")[1])
+  assert peak_kib < 3 * 1024 ** 2, peak_kib
+  assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------
 # evaluate.py
 
