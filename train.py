@@ -218,7 +218,9 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   import spanet_jax  # pylint: disable=g-import-not-at-top
-  from spanet_jax import checkpoint, data, preprocess, trainer  # pylint: disable=g-import-not-at-top
+  from spanet_jax import checkpoint, cli, data, preprocess, train_checkpoints, trainer  # pylint: disable=g-import-not-at-top
+
+  cli.ignore_failed_read_reports()
 
   if FLAGS.distributed:
     # CPU-only clusters (and the tests) need a collectives implementation; it is
@@ -290,17 +292,22 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   check_data_order(workdir, config, train_source.num_examples, latest is not None,
                    process == 0)
   if latest is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sharding)
+    try:
+      state, latest = train_checkpoints.restore_newest_good(
+          manager, lambda step: manager.restore(step, args=ocp.args.StandardRestore(target)),
+          process == 0, lambda line: process == 0 and print(line, flush=True))
+    except train_checkpoints.NoGoodCheckpoint as err:
+      raise ConfigError(str(err)) from None
+    logging.info("resumed from step %d", latest)
+    print(f"resumed from {manager.directory} at step {latest}", flush=True)
     changed = [f"{key} {previous_config[key]} -> {config[key]}" for key in SCHEDULE_KEYS
                if key in previous_config and previous_config[key] != config[key]]
     if changed and process == 0:
       print(f"note: the learning-rate schedule differs from the run's before: "
             f"{'; '.join(changed)}; it continues from step {latest} on the new schedule",
             flush=True)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sharding)
-    state = manager.restore(latest, args=ocp.args.StandardRestore(target))
-    logging.info("resumed from step %d", latest)
-    print(f"resumed from {manager.directory} at step {latest}", flush=True)
   else:
     state = jax.jit(fresh_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
     if config.init_from:
@@ -339,6 +346,7 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
             "eval/top5": totals["top5"] / totals["count"]}
 
   def save(step: int, state) -> None:
+    train_checkpoints.record_checksums(manager, step, state, process == 0)
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   stop = {"signal": None}

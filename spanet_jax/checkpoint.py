@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from spanet_jax import registry
+from spanet_jax import registry, train_checkpoints
 
 METADATA_FILE = "spanet.json"
 PARAMS_DIR = "params"
@@ -68,6 +68,8 @@ def save_pretrained(directory: str, model_name: str, params: Mapping,
     if primary:
       if os.path.exists(directory):
         old = directory + ".old"
+        if os.path.exists(old):  # left by an interrupted earlier overwrite
+          shutil.rmtree(old)
         os.replace(directory, old)
         os.replace(staging, directory)
         shutil.rmtree(old)
@@ -278,6 +280,10 @@ def restore_train_state(workdir: str, step: int | None = None, sharding=None) ->
 
   Returns:
     The state as nested dicts of jax.Arrays, keyed as train.py's TrainState.
+
+  Raises:
+    CheckpointError: no such checkpoint, or its arrays fail the checksums recorded
+      when it was saved.
   """
   directory = os.path.abspath(workdir)
   if os.path.isdir(os.path.join(directory, "checkpoints")):
@@ -297,7 +303,12 @@ def restore_train_state(workdir: str, step: int | None = None, sharding=None) ->
     target = jax.tree.map(
         lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding), stored,
         is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
+    state = manager.restore(step, args=ocp.args.StandardRestore(target))
+    damaged = train_checkpoints.damaged_array(manager, step, state)
+    if damaged:
+      raise CheckpointError(f"checkpoint {step} in {directory} fails its checksum (first "
+                            f"damaged array: {damaged})")
+    return state
 
 
 def _jsonable(value):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
+import threading
 from typing import Callable
 
 
@@ -33,6 +35,42 @@ def run(main: Callable[[], int]) -> int:
       print(f"error: {err}", file=sys.stderr)
       return 2
     raise
+
+
+def ignore_failed_read_reports() -> None:
+  """Drop the reports Orbax and TensorStore leave behind a failed checkpoint read (one
+  per array still in flight: "Event loop is closed" from their threads, the same read
+  error again from abandoned coroutines). The failure itself is reported, as one line,
+  by whoever caught it; every other report passes through."""
+  previous_except, previous_thread = sys.excepthook, threading.excepthook
+  previous_unraisable = sys.unraisablehook
+
+  def aftermath(value) -> bool:
+    return ((isinstance(value, RuntimeError) and str(value) == "Event loop is closed")
+            or "Encountered error while reading array index" in str(value))
+
+  def except_hook(kind, value, traceback):
+    if not (aftermath(value) and threading.current_thread() is not threading.main_thread()):
+      previous_except(kind, value, traceback)
+
+  def thread_hook(report):
+    if not aftermath(report.exc_value):
+      previous_thread(report)
+
+  def unraisable_hook(report):
+    if not aftermath(report.exc_value):
+      previous_unraisable(report)
+
+  sys.excepthook, threading.excepthook = except_hook, thread_hook
+  sys.unraisablehook = unraisable_hook
+
+  def console_filter(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (aftermath(record.getMessage()) or (error is not None and aftermath(error)))
+
+  for handler in logging.getLogger().handlers:  # log files keep the whole story
+    if not isinstance(handler, logging.FileHandler):
+      handler.addFilter(console_filter)
 
 
 def write_atomically(path: str, text: str) -> None:

@@ -4,6 +4,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,14 +277,92 @@ def test_two_processes_through_jax_distributed(tmp_path, data_dir):
   more = run_train(workdir, "--config.num_epochs=3", data_dir=data_dir)
   assert more.returncode == 0, why(more.stderr)
   assert "at step 44" in more.stdout and "step 66/66" in more.stdout
+  assert "note: checkpoint" not in more.stdout  # the checksums hold on another layout
   assert "note: the learning-rate schedule differs from the run's before: num_epochs 2 -> 3" \
       in more.stdout
 
 
-def test_resume_with_another_data_order_stops_with_one_line(tmp_path, data_dir):
-  workdir = tmp_path / "order"
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory, data_dir):
+  """A finished one-epoch run (state checkpoints at steps 10, 20 and 22): tests copy it."""
+  workdir = tmp_path_factory.mktemp("one_epoch") / "run"
   first = run_train(workdir, "--config.num_epochs=1", data_dir=data_dir)
   assert first.returncode == 0, why(first.stderr)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20", "22"]
+  return workdir
+
+
+def copy_run(source, target):
+  shutil.copytree(source, target)
+  return target
+
+
+def largest_data_file(workdir, step):
+  data = workdir / "checkpoints" / str(step) / "default" / "ocdbt.process_0" / "d"
+  return max(data.iterdir(), key=lambda path: path.stat().st_size)
+
+
+def test_resume_falls_back_past_damaged_checkpoints(tmp_path, one_epoch_run, data_dir):
+  """Flipped bytes fail the recorded checksum, a deleted or truncated data file fails the
+  read: each is said in one line, the run resumes from the newest intact checkpoint and
+  finishes, saving the damaged steps again. A stale final.old does not stop it."""
+  flipped = copy_run(one_epoch_run, tmp_path / "flipped")
+  path = largest_data_file(flipped, 22)
+  raw = bytearray(path.read_bytes())
+  middle = len(raw) // 2
+  raw[middle:middle + 64] = bytes(b ^ 0xFF for b in raw[middle:middle + 64])
+  path.write_bytes(bytes(raw))
+  from spanet_jax import checkpoint
+  with pytest.raises(checkpoint.CheckpointError, match="checkpoint 22 .* fails its checksum"):
+    checkpoint.restore_train_state(str(flipped))
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint for step 7: steps"):
+    checkpoint.restore_train_state(str(flipped), step=7)
+  with pytest.raises(checkpoint.CheckpointError, match="no train.py checkpoints in"):
+    checkpoint.restore_train_state(str(tmp_path / "nowhere"))
+  with pytest.raises(checkpoint.CheckpointError, match="has no checkpoint at all"):
+    checkpoint.restore_train_state(str(tmp_path))
+  (flipped / "final.old").mkdir()  # left by an overwrite interrupted earlier
+  (flipped / "final.old" / "params").write_text("stale")
+  broken = copy_run(one_epoch_run, tmp_path / "broken")
+  largest_data_file(broken, 22).unlink()
+  with open(largest_data_file(broken, 20), "r+b") as f:
+    f.truncate(100)
+  for workdir, notes, resumed_at in [
+      (flipped, [r"checkpoint 22 .* fails its checksum \(first damaged array: \S+\)"], 20),
+      (broken, [r"checkpoint 22 .* cannot be restored", r"checkpoint 20 .* cannot be restored"],
+       10)]:
+    result = run_train(workdir, "--config.num_epochs=1", data_dir=data_dir)
+    assert result.returncode == 0, why(result.stderr)
+    console = (result.stdout + result.stderr).splitlines()
+    said = [line for line in console if line.startswith("note: checkpoint")]
+    assert len(said) == len(notes) and all(re.search(n, line) for n, line in zip(notes, said)), \
+        "\n".join(console)
+    assert f"at step {resumed_at}" in result.stdout
+    assert "Traceback" not in result.stderr and len(console) <= 20, "\n".join(console)
+    assert sorted(os.listdir(workdir / "damaged_checkpoints")) == sorted(
+        str(step) for step in (22, 20) if step > resumed_at)
+    assert "22" in os.listdir(workdir / "checkpoints")  # saved again
+    assert os.path.isfile(workdir / "final" / "spanet.json")
+    assert not (workdir / "final.old").exists()
+
+
+def test_resume_with_no_intact_checkpoint_stops_without_touching_them(tmp_path, one_epoch_run,
+                                                                       data_dir):
+  workdir = copy_run(one_epoch_run, tmp_path / "ruined")
+  shutil.rmtree(workdir / "final")
+  for step in (10, 20, 22):
+    largest_data_file(workdir, step).unlink()
+  result = run_train(workdir, "--config.num_epochs=2", data_dir=data_dir)
+  assert result.returncode == 2, why(result.stderr)
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "none of the checkpoints" in errors[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20", "22"]
+  assert not (workdir / "damaged_checkpoints").exists() and not (workdir / "final").exists()
+
+
+def test_resume_with_another_data_order_stops_with_one_line(tmp_path, one_epoch_run, data_dir):
+  workdir = copy_run(one_epoch_run, tmp_path / "order")
   again = run_train(workdir, "--config.num_epochs=2", "--config.batch_size=32",
                     data_dir=data_dir)
   assert again.returncode == 2
