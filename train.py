@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging as std_logging
+import math
 import os
 import re
 import signal
@@ -104,6 +105,17 @@ class ConfigError(Exception):
   pass
 
 
+def check_workdir(workdir: str) -> None:
+  """Fail before any work if the workdir cannot be a writable directory."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file, not a directory")
+  existing = workdir
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir {workdir}: {existing} is not a writable directory")
+
+
 def validate(config, num_devices: int) -> None:
   import spanet_jax  # pylint: disable=g-import-not-at-top
 
@@ -121,6 +133,8 @@ def validate(config, num_devices: int) -> None:
                       f"{num_devices} devices")
   for key in ("lr", "min_lr", "warmup_lr", "weight_decay", "grad_clip", "ema_decay",
               "mixup", "cutmix", "label_smoothing", "warmup_epochs", "drop_path_rate"):
+    if not math.isfinite(config[key]):
+      raise ConfigError(f"config.{key}={config[key]} must be a finite number")
     if config[key] < 0:
       raise ConfigError(f"config.{key}={config[key]} must not be negative")
   for key in ("hflip", "mixup_switch_prob", "random_erasing"):
@@ -182,9 +196,15 @@ def parse_flags(argv):
   """absl flag parsing with one clear line for a bad --config override, not a traceback."""
   try:
     return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as err:
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    detail = str(err).strip("'\"")
+    detail = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+    while len(detail) > 1 and detail[0] == detail[-1] and detail[0] in "'\"":
+      detail = detail[1:-1]  # KeyError's messages arrive quoted, sometimes twice
+    missing = re.search(r"No such file or directory: '([^']+)'", str(err.__cause__ or err))
+    if missing:
+      print(f"error: --config: no such file: {missing.group(1)}", file=sys.stderr)
+      sys.exit(2)
     if "Traceback" in detail:  # a config file that raised: keep only its message
       raised = [line.strip() for line in detail.splitlines()
                 if re.match(r"\s*\w+(Error|Exception): ", line)]
@@ -231,13 +251,7 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   validate(config, jax.device_count())
   process, processes = jax.process_index(), jax.process_count()
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  log_to_file(workdir)
-  writer = MetricWriter(workdir, process == 0)
-  previous_config = read_previous_config(workdir)
-  if process == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  check_workdir(workdir)
 
   # Data. Process 0 prepares the dataset (if it must be) while the others wait.
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -253,6 +267,14 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
     eval_source = data.make_source(builder, config.eval_split)
   except data.DataError as err:
     raise ConfigError(str(err)) from None
+  # The workdir is made only once the data is known to be there: a mistake leaves nothing.
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as err:
+    raise ConfigError(f"--workdir {workdir}: {err.strerror}") from None
+  log_to_file(workdir)
+  writer = MetricWriter(workdir, process == 0)
+  previous_config = read_previous_config(workdir)
   info = spanet_jax.model_info(config.model)
   crop_pct = config.crop_pct if config.crop_pct > 0 else info.crop_pct
   eval_data = preprocess.DataConfig(config.image_size, crop_pct, info.mean, info.std,
@@ -291,6 +313,9 @@ def run(config, workdir: str) -> None:  # pylint: disable=too-many-locals,too-ma
   latest = manager.latest_step()
   check_data_order(workdir, config, train_source.num_examples, latest is not None,
                    process == 0)
+  if process == 0:  # after the checks: a refused resume keeps the run's own config
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   if latest is not None:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sharding)

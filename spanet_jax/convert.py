@@ -409,11 +409,16 @@ def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
     raise ConversionError(f"no such file: {path}")
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
-  except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-          OSError, AttributeError, TypeError) as err:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+  except Exception as err:  # pylint: disable=broad-except  # any reader failure: bad bytes
+    if "weights_only" in str(err) or "Weights only" in str(err):
+      # torch's text goes on to advise weights_only=False: unsafe for a file from elsewhere.
+      detail = "it holds Python objects other than tensors, which are never unpickled here"
+    elif isinstance(err, (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, KeyError)):
+      detail = "its bytes are not a PyTorch checkpoint"
+    else:
+      detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     raise ConversionError(f"cannot read {path} as a PyTorch checkpoint (truncated, or not a "
-                          f".pth file?): {first_line}") from None
+                          f".pth file?): {detail}") from None
   return unwrap_state_dict(obj)
 
 

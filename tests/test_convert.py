@@ -198,11 +198,14 @@ def _bad_input_cases(tmp_path, tiny_state_dict, small_path):
   text.write_text("not a checkpoint\n")
   pickled = tmp_path / "object.pth"
   torch.save({"state_dict": torch.nn.Linear(2, 2)}, pickled)  # refused by weights_only
+  random_bytes = tmp_path / "random.pth"
+  random_bytes.write_bytes(np.random.default_rng(0).integers(0, 256, 1000, np.uint8).tobytes())
   return {
       "no such file": (["--input", tmp_path / "nope.pth"], "no such file"),
       "truncated": (["--input", truncated], "cannot read .*truncated"),
       "not a checkpoint": (["--input", text], "cannot read .*notes.pth"),
-      "pickled object": (["--input", pickled], "cannot read .*object.pth"),
+      "pickled object": (["--input", pickled], "cannot read .*object.pth.*other than tensors"),
+      "random bytes": (["--input", random_bytes], "cannot read .*random.pth: its bytes are not"),
       "missing key": (["--input", _save(tmp_path, missing, "m.pth")],
                       "missing keys: network.4.1.mlp.fc1.weight"),
       "unexpected key": (["--input", _save(tmp_path, unexpected, "u.pth")],
@@ -224,7 +227,8 @@ def _bad_input_cases(tmp_path, tiny_state_dict, small_path):
   }
 
 
-CASES = ["no such file", "truncated", "not a checkpoint", "pickled object", "missing key",
+CASES = ["no such file", "truncated", "not a checkpoint", "pickled object", "random bytes",
+         "missing key",
          "unexpected key", "mis-shaped key", "mask", "NaN weight", "wrong model",
          "unknown model", "unregistered shape"]
 
@@ -237,6 +241,7 @@ def test_bad_input_is_one_clear_message(case, tmp_path, tiny_state_dict, small_c
   assert code == 2
   assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
   assert __import__("re").search(pattern, stderr), stderr
+  assert "weights_only" not in stderr  # torch's advice to unpickle anything: never given
   assert sorted(os.listdir(tmp_path)) == before  # nothing written, nothing left behind
 
 

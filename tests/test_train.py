@@ -228,17 +228,36 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(tmp_path, data_dir):
     ("--config.head_dropout=1.5", "config.head_dropout=1.5 must be in [0, 1)"),
     ("--config.model=spanetv2_s18_hybrid",  # demo widths (32, 48, 64, 96): 48 % 32 != 0
      "cannot be built: MixAttention needs channels divisible by 32"),
+    ("--config.lr=nan", "config.lr=nan must be a finite number"),
+    ("--config.num_epochs=abc", "invalid literal for int() with base 10: 'abc')"),
+    ("--config.learning_rate=0.1", "bad flag or config override (learning_rate)"),
 ])
 def test_bad_config_values_are_named(override, message, tmp_path, data_dir):
   result = run_train(tmp_path / "bad", override, data_dir=data_dir)
   assert result.returncode == 2, why(result.stderr)
-  assert message in result.stderr and "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr and "\\n" not in errors[0]
+  assert not (tmp_path / "bad").exists()  # a mistake leaves no workdir behind
 
 
-def test_unknown_config_key_is_named(tmp_path, data_dir):
-  result = run_train(tmp_path / "bad", "--config.learning_rate=0.1", data_dir=data_dir)
-  assert result.returncode != 0
-  assert "learning_rate" in result.stderr and "Traceback" not in result.stderr
+def test_bad_paths_are_one_line_and_leave_nothing(tmp_path, data_dir):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("keep")
+  for args, message in [
+      (["--workdir", str(a_file)], "is a file, not a directory"),
+      (["--workdir", str(a_file / "run")], "a_file is not a writable directory"),
+      (["--config", "configs/no_such_config.py"], "--config: no such file: "
+                                                  "configs/no_such_config.py")]:
+    env = {**os.environ, "PYTHONPATH": REPO}
+    command = [sys.executable, "train.py", "--config", "configs/demo.py", "--workdir",
+               str(tmp_path / "run"), f"--config.data_dir={data_dir}", *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert message in errors[0] and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["a_file"] and a_file.read_text() == "keep"
 
 
 def test_two_processes_through_jax_distributed(tmp_path, data_dir):
