@@ -52,21 +52,21 @@ def main(argv=None) -> int:
   return cli.run(lambda: evaluate(args))
 
 
-def folder_class_index(folders, loaded) -> dict[str, int]:
-  """Which model class each folder holds (see the module docstring for the rules)."""
+def folder_class_index(folders, loaded) -> tuple[dict[str, int], str]:
+  """Which model class each folder holds, and by which rule (see the module docstring)."""
   from spanet_jax import cli, labels  # pylint: disable=g-import-not-at-top
 
   if loaded.num_classes == labels.NUM_IMAGENET_CLASSES:
     synsets = {s: i for i, s in enumerate(labels.imagenet_synsets())}
     if all(f in synsets for f in folders):
-      return {f: synsets[f] for f in folders}
+      return {f: synsets[f] for f in folders}, "ImageNet synset id"
   names = {n: i for i, n in enumerate(loaded.class_names)}
   if all(f in names for f in folders):
-    return {f: names[f] for f in folders}
+    return {f: names[f] for f in folders}, "class name"
   if all(f.isdigit() and int(f) < loaded.num_classes for f in folders):
-    return {f: int(f) for f in folders}
+    return {f: int(f) for f in folders}, "class index"
   if len(folders) == loaded.num_classes:
-    return {f: i for i, f in enumerate(folders)}
+    return {f: i for i, f in enumerate(folders)}, "sorted order (the i-th folder is class i)"
   raise cli.UsageError(
       f"cannot tell which of the model's {loaded.num_classes} classes each of the "
       f"{len(folders)} folders holds: name them by ImageNet synset id (n01440764), by class "
@@ -77,8 +77,8 @@ def make_source(args, loaded):
   from spanet_jax import cli, data  # pylint: disable=g-import-not-at-top
 
   if os.path.isdir(args.data):
-    return data.folder_source(args.data,
-                              folder_class_index(data.folder_classes(args.data), loaded))
+    class_index, rule = folder_class_index(data.folder_classes(args.data), loaded)
+    return data.folder_source(args.data, class_index), {"by": rule, "folders": class_index}
   if ":" not in args.data:
     raise cli.UsageError(f"--data {args.data}: no such directory, and not DATASET:SPLIT")
   from configs import default  # pylint: disable=g-import-not-at-top
@@ -91,7 +91,7 @@ def make_source(args, loaded):
   if names is not None and len(names) != loaded.num_classes:
     raise cli.UsageError(f"{args.data} has {len(names)} classes but the checkpoint's model "
                          f"has {loaded.num_classes}")
-  return data.make_source(builder, split)
+  return data.make_source(builder, split), None
 
 
 def evaluate(args) -> int:
@@ -109,13 +109,16 @@ def evaluate(args) -> int:
       cli.check_writable(path)
   loaded = inference.load(args.checkpoint)
   inference.require_classifier(loaded)
-  source = make_source(args, loaded)
+  source, class_mapping = make_source(args, loaded)
   partitioning = trainer.Partitioning.create(devices=jax.local_devices())
   params = jax.device_put(loaded.variables["params"], partitioning.replicated)
   predict = jax.jit(lambda p, images: trainer.predict_step(p, images, model=loaded.model),
                     out_shardings=partitioning.replicated)
   print(f"evaluating {loaded.name} from {loaded.path} on {args.data}: {source.num_examples} "
         f"images, batch {args.batch_size} over {devices} devices", file=sys.stderr, flush=True)
+  if class_mapping:
+    print(f"folders matched to the model's classes by {class_mapping['by']}",
+          file=sys.stderr, flush=True)
 
   hits = {"top1": 0, "top5": 0}
   rows = []
@@ -140,6 +143,8 @@ def evaluate(args) -> int:
   result = {"checkpoint": loaded.path, "model": loaded.name, "data": args.data,
             "num_images": count, "top1": hits["top1"] / count, "top5": hits["top5"] / count,
             "input_size": loaded.data.input_size, "crop_pct": loaded.data.crop_pct}
+  if class_mapping:
+    result["class_mapping"] = class_mapping
   print(f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
         f"({count} images)")
   if args.output:

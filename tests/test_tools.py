@@ -267,6 +267,9 @@ def test_evaluate_agrees_image_by_image_with_the_official_model(tmp_path, offici
   assert result["num_images"] == len(rows) == 9
   assert result["top1"] == pytest.approx(np.mean(hits))
   assert f"top-1 {100 * np.mean(hits):.2f}%" in stdout
+  assert "folders matched to the model's classes by ImageNet synset id" in stderr
+  assert result["class_mapping"] == {"by": "ImageNet synset id", "folders": {
+      f: synsets.index(f) for f in os.listdir(photo_folder)}}
 
 
 def test_evaluate_on_a_tfds_split_counts_every_example(tmp_path, tiny_variables):
@@ -291,6 +294,19 @@ def test_evaluate_on_a_tfds_split_counts_every_example(tmp_path, tiny_variables)
   split = tfds.builder("sklearn_digits", data_dir=str(tmp_path / "tfds")).as_data_source("test")
   assert sorted(int(r["label"]) for r in rows) == sorted(  # the split's own labels
       int(example["label"]) for example in split)
+  # Folders named neither by class name nor index, one per class: matched in sorted
+  # order, and evaluate says so.
+  folder = tmp_path / "letters"
+  photo = preprocess.sample_photo_paths()[0]
+  for letter in "jihgfedcba":
+    (folder / letter).mkdir(parents=True)
+    shutil.copy(photo, folder / letter / "photo.png")
+  code, _, stderr = run_main(evaluate.main, "--checkpoint", checkpoint, "--data", folder,
+                             "--output", output)
+  assert code == 0, stderr
+  assert "by sorted order (the i-th folder is class i)" in stderr
+  assert json.loads(output.read_text())["class_mapping"]["folders"] == {
+      letter: i for i, letter in enumerate("abcdefghij")}
   # A 1000-class model cannot be scored on 10 classes (--data_dir: train.py's spelling).
   code, _, stderr = run_main(evaluate.main, "--checkpoint", "init:" + TINY, "--data",
                              "sklearn_digits:test", "--data_dir", tmp_path / "tfds")
