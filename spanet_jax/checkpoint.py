@@ -141,9 +141,18 @@ def read_metadata(directory: str) -> dict[str, Any]:
   try:
     with open(path) as f:
       metadata = json.load(f)
-    registry.model_info(metadata["model"])
-  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+  except (OSError, ValueError) as err:
     raise CheckpointError(f"{path} is unreadable: {err}") from None
+  if not isinstance(metadata, dict):
+    raise CheckpointError(f"{path} is unreadable: not a JSON object")
+  for key, kind in (("model", str), ("overrides", dict)):
+    if not isinstance(metadata.get(key), kind):
+      raise CheckpointError(f"{path} is unreadable: its {key!r} entry is "
+                            f"{'missing' if key not in metadata else 'malformed'}")
+  try:
+    registry.model_info(metadata["model"])
+  except (KeyError, ValueError) as err:
+    raise CheckpointError(f"{path} is unreadable: {str(err).strip(chr(39))}") from None
   return metadata
 
 

@@ -28,6 +28,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 def run(main: Callable[[], int]) -> int:
   """Call `main`; a user error becomes `error: ...` on stderr and exit status 2."""
+  ignore_failed_read_reports()
   try:
     return main()
   except Exception as err:  # pylint: disable=broad-except

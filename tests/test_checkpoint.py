@@ -157,3 +157,22 @@ def test_damaged_parameter_data_is_refused(tiny_checkpoint, tmp_path):
   open(largest, "wb").write(bytes(blob))
   with pytest.raises(checkpoint.CheckpointError):
     spanet_jax.load_pretrained(str(flipped))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.pop("overrides"), "its 'overrides' entry is missing"),
+    (lambda m: m.update(overrides="dims=8"), "its 'overrides' entry is malformed"),
+    (lambda m: m.update(model=["spanet_s"]), "its 'model' entry is malformed"),
+    (lambda m: m.update(model="spanet_xl"), "unknown model 'spanet_xl'"),
+])
+def test_malformed_metadata_is_one_clear_error(edit, message, tiny_checkpoint, tmp_path):
+  import json
+  import shutil
+  directory, _ = tiny_checkpoint
+  edited = tmp_path / "edited"
+  shutil.copytree(directory, edited)
+  metadata = json.loads((edited / "spanet.json").read_text())
+  edit(metadata)
+  (edited / "spanet.json").write_text(json.dumps(metadata))
+  with pytest.raises(checkpoint.CheckpointError, match=f"spanet.json is unreadable: {message}"):
+    spanet_jax.load_pretrained(str(edited))
