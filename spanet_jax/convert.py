@@ -410,10 +410,14 @@ def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as err:  # pylint: disable=broad-except  # any reader failure: bad bytes
-    if "weights_only" in str(err) or "Weights only" in str(err):
+    refused_by_safe_reader = "weights_only" in str(err) or "Weights only" in str(err)
+    if refused_by_safe_reader and zipfile.is_zipfile(path):
       # torch's text goes on to advise weights_only=False: unsafe for a file from elsewhere.
       detail = "it holds Python objects other than tensors, which are never unpickled here"
-    elif isinstance(err, (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, KeyError)):
+    elif refused_by_safe_reader or isinstance(
+        err, (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, KeyError)):
+      # Outside a zip archive torch reads the bytes as a legacy pickle; arbitrary bytes
+      # then fail as a forbidden opcode, which says nothing useful to the user.
       detail = "its bytes are not a PyTorch checkpoint"
     else:
       detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -205,7 +205,7 @@ def _bad_input_cases(tmp_path, tiny_state_dict, small_path):
       "truncated": (["--input", truncated], "cannot read .*truncated"),
       "not a checkpoint": (["--input", text], "cannot read .*notes.pth"),
       "pickled object": (["--input", pickled], "cannot read .*object.pth.*other than tensors"),
-      "random bytes": (["--input", random_bytes], "cannot read .*random.pth: its bytes are not"),
+      "random bytes": (["--input", random_bytes], "cannot read .*random.pth.*: its bytes are not a PyTorch checkpoint"),
       "missing key": (["--input", _save(tmp_path, missing, "m.pth")],
                       "missing keys: network.4.1.mlp.fc1.weight"),
       "unexpected key": (["--input", _save(tmp_path, unexpected, "u.pth")],
