@@ -67,7 +67,7 @@ def _check_output(path: str, overwrite: bool, is_directory: bool) -> None:
 
 
 def _report(results) -> bool:
-  from spanet_jax import verify  # pylint: disable=g-import-not-at-top
+  from spanet_jax.reference import verify  # pylint: disable=g-import-not-at-top
 
   for result in results:
     print(f"  {result}")
@@ -78,13 +78,16 @@ def _report(results) -> bool:
 
 
 def to_flax(args) -> int:
-  from spanet_jax import checkpoint, convert, labels, registry, verify  # pylint: disable=g-import-not-at-top
+  from spanet_jax import convert  # pylint: disable=g-import-not-at-top
+  from spanet_jax.data import labels  # pylint: disable=g-import-not-at-top
+  from spanet_jax.models import pretrained, registry  # pylint: disable=g-import-not-at-top
+  from spanet_jax.reference import verify  # pylint: disable=g-import-not-at-top
 
   state_dict = convert.load_state_dict_file(args.input)
   name, overrides, params = convert.torch_to_flax(state_dict, args.model, args.learnable_masks)
   print(f"read {args.input}: {name}, {len(state_dict)} tensors")
   if args.verify:
-    model = registry.create_model(name, **overrides)
+    model = registry.build_model(name, **overrides)
     if not _report(verify.verify(model, {"params": params}, state_dict, args.verify_sizes, name)):
       print(f"error: not written: the converted model disagrees with the reference",
             file=sys.stderr)
@@ -96,17 +99,19 @@ def to_flax(args) -> int:
       extra["class_names"] = list(labels.imagenet_class_names())
     except labels.LabelsError:
       pass  # the tools fall back to the same names when they can read them
-  checkpoint.save_pretrained(args.output, name, params, overrides, extra=extra,
+  pretrained.save_pretrained(args.output, name, params, overrides, extra=extra,
                              overwrite=args.overwrite)
   print(f"wrote {args.output} (load with spanet_jax.load_pretrained)")
   return 0
 
 
 def to_torch(args) -> int:
-  from spanet_jax import checkpoint, convert, verify  # pylint: disable=g-import-not-at-top
+  from spanet_jax import convert  # pylint: disable=g-import-not-at-top
+  from spanet_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+  from spanet_jax.reference import verify  # pylint: disable=g-import-not-at-top
 
-  metadata = checkpoint.read_metadata(args.input)
-  model, variables = checkpoint.load_pretrained(args.input)
+  metadata = pretrained.read_metadata(args.input)
+  model, variables = pretrained.load_pretrained(args.input)
   state_dict = convert.flax_to_torch(variables["params"], metadata["model"],
                                      metadata["overrides"])
   print(f"read {args.input}: {metadata['model']}, {len(state_dict)} tensors")
@@ -123,14 +128,16 @@ def to_torch(args) -> int:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from spanet_jax import checkpoint, convert, preprocess, registry  # pylint: disable=g-import-not-at-top
+  from spanet_jax import convert  # pylint: disable=g-import-not-at-top
+  from spanet_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from spanet_jax.models import pretrained, registry  # pylint: disable=g-import-not-at-top
 
   try:
     if args.model is not None:
       registry.model_info(args.model)
     _check_output(args.output, args.overwrite, is_directory=not args.to_torch)
     return to_torch(args) if args.to_torch else to_flax(args)
-  except (UsageError, convert.ConversionError, checkpoint.CheckpointError,
+  except (UsageError, convert.ConversionError, pretrained.CheckpointError,
           preprocess.ImageError, ValueError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -48,13 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from spanet_jax import cli  # pylint: disable=g-import-not-at-top
+  from spanet_jax.tools import cli  # pylint: disable=g-import-not-at-top
   return cli.run(lambda: evaluate(args))
 
 
 def folder_class_index(folders, loaded) -> tuple[dict[str, int], str]:
   """Which model class each folder holds, and by which rule (see the module docstring)."""
-  from spanet_jax import cli, labels  # pylint: disable=g-import-not-at-top
+  from spanet_jax.data import labels  # pylint: disable=g-import-not-at-top
+  from spanet_jax.tools import cli  # pylint: disable=g-import-not-at-top
 
   if loaded.num_classes == labels.NUM_IMAGENET_CLASSES:
     synsets = {s: i for i, s in enumerate(labels.imagenet_synsets())}
@@ -74,11 +75,12 @@ def folder_class_index(folders, loaded) -> tuple[dict[str, int], str]:
 
 
 def make_source(args, loaded):
-  from spanet_jax import cli, data  # pylint: disable=g-import-not-at-top
+  from spanet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from spanet_jax.tools import cli  # pylint: disable=g-import-not-at-top
 
   if os.path.isdir(args.data):
-    class_index, rule = folder_class_index(data.folder_classes(args.data), loaded)
-    return data.folder_source(args.data, class_index), {"by": rule, "folders": class_index}
+    class_index, rule = folder_class_index(pipeline.folder_classes(args.data), loaded)
+    return pipeline.folder_source(args.data, class_index), {"by": rule, "folders": class_index}
   if ":" not in args.data:
     raise cli.UsageError(f"--data {args.data}: no such directory, and not DATASET:SPLIT")
   from configs import default  # pylint: disable=g-import-not-at-top
@@ -86,19 +88,21 @@ def make_source(args, loaded):
   config = default.get_config()
   config.dataset, split = args.data.split(":", 1)
   config.data_dir, config.manual_dir = args.data_dir, args.manual_dir
-  builder = data.make_builder(config)
-  names = data.class_names(builder)
+  builder = pipeline.make_builder(config)
+  names = pipeline.class_names(builder)
   if names is not None and len(names) != loaded.num_classes:
     raise cli.UsageError(f"{args.data} has {len(names)} classes but the checkpoint's model "
                          f"has {loaded.num_classes}")
-  return data.make_source(builder, split), None
+  return pipeline.make_source(builder, split), None
 
 
 def evaluate(args) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from spanet_jax import cli, data, inference, trainer  # pylint: disable=g-import-not-at-top
+  from spanet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from spanet_jax.tools import cli, inference  # pylint: disable=g-import-not-at-top
+  from spanet_jax.train import mesh  # pylint: disable=g-import-not-at-top
 
   devices = jax.local_device_count()
   if args.batch_size < 1 or args.batch_size % devices:
@@ -110,9 +114,9 @@ def evaluate(args) -> int:
   loaded = inference.load(args.checkpoint)
   inference.require_classifier(loaded)
   source, class_mapping = make_source(args, loaded)
-  partitioning = trainer.Partitioning.create(devices=jax.local_devices())
+  partitioning = mesh.Partitioning.create(devices=jax.local_devices())
   params = jax.device_put(loaded.variables["params"], partitioning.replicated)
-  predict = jax.jit(lambda p, images: trainer.predict_step(p, images, model=loaded.model),
+  predict = jax.jit(lambda p, images: inference.predict_step(p, images, model=loaded.model),
                     out_shardings=partitioning.replicated)
   print(f"evaluating {loaded.name} from {loaded.path} on {args.data}: {source.num_examples} "
         f"images, batch {args.batch_size} over {devices} devices", file=sys.stderr, flush=True)
@@ -123,7 +127,7 @@ def evaluate(args) -> int:
   hits = {"top1": 0, "top5": 0}
   rows = []
   count, start, last_report = 0, time.perf_counter(), time.perf_counter()
-  for batch, names in data.eval_batches(source, loaded.data, args.batch_size, 0, 1):
+  for batch, names in pipeline.eval_batches(source, loaded.data, args.batch_size, 0, 1):
     images = jax.make_array_from_process_local_data(partitioning.batch, batch["image"])
     classes, probs = (np.asarray(a) for a in predict(params, images))
     n = len(names)  # the real rows; the rest is padding

@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from spanet_jax import cli  # pylint: disable=g-import-not-at-top
+  from spanet_jax.tools import cli  # pylint: disable=g-import-not-at-top
   return cli.run(lambda: export(args))
 
 
@@ -54,7 +54,7 @@ def export(args) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from spanet_jax import cli, export as exporting, inference  # pylint: disable=g-import-not-at-top
+  from spanet_jax.tools import cli, export as exporting, inference  # pylint: disable=g-import-not-at-top
 
   if args.batch == "dynamic":
     batch = None

@@ -32,12 +32,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from spanet_jax import cli  # pylint: disable=g-import-not-at-top
+  from spanet_jax.tools import cli  # pylint: disable=g-import-not-at-top
   return cli.run(lambda: predict(args))
 
 
 def predict(args) -> int:
-  from spanet_jax import cli, inference, preprocess  # pylint: disable=g-import-not-at-top
+  from spanet_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from spanet_jax.tools import cli, inference  # pylint: disable=g-import-not-at-top
 
   if args.top_k < 1 or args.batch_size < 1:
     raise cli.UsageError("--top-k and --batch-size must be positive")

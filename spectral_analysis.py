@@ -43,13 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from spanet_jax import cli  # pylint: disable=g-import-not-at-top
+  from spanet_jax.tools import cli  # pylint: disable=g-import-not-at-top
   return cli.run(lambda: analyse(args))
 
 
 def image_paths(args) -> list[str]:
-  from spanet_jax import cli, preprocess  # pylint: disable=g-import-not-at-top
-  from spanet_jax.data import IMAGE_EXTENSIONS  # pylint: disable=g-import-not-at-top
+  from spanet_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from spanet_jax.tools import cli  # pylint: disable=g-import-not-at-top
+  from spanet_jax.data.pipeline import IMAGE_EXTENSIONS  # pylint: disable=g-import-not-at-top
 
   paths = []
   for item in args.images:
@@ -82,7 +83,8 @@ def default_label(loaded) -> str:
 def analyse(args) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from spanet_jax import cli, frequency_analysis, inference, preprocess  # pylint: disable=g-import-not-at-top
+  from spanet_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from spanet_jax.tools import cli, frequency_analysis, inference  # pylint: disable=g-import-not-at-top
 
   labels = args.label or []
   if labels and len(labels) != len(args.checkpoint):

@@ -57,7 +57,7 @@ def parse_args(argv=None):
   parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
   parser.add_argument("--malloc", choices=["default", "keep"], default="default",
                       help="default: glibc's own settings, as in any script; keep: "
-                           "spanet_jax.host_memory.keep_freed_memory(), as train.py does on "
+                           "spanet_jax.train.host_memory.keep_freed_memory(), as train.py does on "
                            "CPU (for both frameworks: they share the process)")
   parser.add_argument("--json", default=None, help="also write the results here")
   parser.add_argument("--memory-probe", nargs=2, metavar=("FRAMEWORK", "MODEL"),
@@ -73,7 +73,7 @@ def _timm_stand_ins():
   """The four timm helpers the official file imports, written here."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  from spanet_jax.torch_reference import DropPath  # pylint: disable=g-import-not-at-top
+  from spanet_jax.reference.spanet_torch import DropPath  # pylint: disable=g-import-not-at-top
 
   layers = types.ModuleType("timm.models.layers")
   layers.trunc_normal_ = lambda tensor, std=1.0: torch.nn.init.trunc_normal_(tensor, std=std)
@@ -93,13 +93,13 @@ def _timm_stand_ins():
 
 
 def build_torch_model(name: str, official_file: str | None):
-  from spanet_jax import registry  # pylint: disable=g-import-not-at-top
+  from spanet_jax.models import registry  # pylint: disable=g-import-not-at-top
 
   info = registry.model_info(name)
   if official_file is None:
-    from spanet_jax import torch_reference, torch_reference_v2  # pylint: disable=g-import-not-at-top
-    builder = (torch_reference_v2.SPANetV2 if info.family == "spanetv2"
-               else torch_reference.SPANet)
+    from spanet_jax.reference import spanet_torch, spanetv2_torch  # pylint: disable=g-import-not-at-top
+    builder = (spanetv2_torch.SPANetV2 if info.family == "spanetv2"
+               else spanet_torch.SPANet)
     return builder(**info.architecture), "reference"
   import importlib.util  # pylint: disable=g-import-not-at-top
   sys.modules.update(_timm_stand_ins())
@@ -323,7 +323,7 @@ def machine_description() -> str:
 def main(argv=None) -> None:
   args = parse_args(argv)
   if args.malloc == "keep":  # before either framework starts a thread
-    from spanet_jax import host_memory  # pylint: disable=g-import-not-at-top
+    from spanet_jax.train import host_memory  # pylint: disable=g-import-not-at-top
     if not host_memory.keep_freed_memory():
       args.malloc = "default"
   if args.memory_probe:

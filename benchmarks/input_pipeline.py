@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402,F401  pylint: disable=unused-import  (train.py's process has it)
 
 import spanet_jax  # noqa: E402
-from spanet_jax import data, preprocess  # noqa: E402
+from spanet_jax.data import pipeline, preprocess  # noqa: E402
 
 
 def load_config(path: str):
@@ -60,20 +60,20 @@ def main(argv=None) -> int:
   config.batch_size = args.batch
   try:
     start = time.perf_counter()
-    source = data.make_source(data.make_builder(config), config.train_split)
+    source = pipeline.make_source(pipeline.make_builder(config), config.train_split)
     if args.eval:  # the model's own evaluation preprocessing, as train.py evaluates
       info = spanet_jax.model_info(config.model)
       eval_data = preprocess.DataConfig(config.image_size, info.crop_pct, info.mean, info.std,
                                         info.interpolation)
-      batches = (batch for batch, _ in data.eval_batches(source, eval_data, config.batch_size,
+      batches = (batch for batch, _ in pipeline.eval_batches(source, eval_data, config.batch_size,
                                                          0, 1, config.prefetch))
     else:
-      batches = data.train_batches(source, config, config.batch_size, args.start_step, 0, 1)
+      batches = pipeline.train_batches(source, config, config.batch_size, args.start_step, 0, 1)
     times = []
     for _ in range(args.batches):
       batch = next(batches)
       times.append(time.perf_counter())
-  except data.DataError as err:
+  except pipeline.DataError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
   timed = args.batches - args.warmup
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
       "first_batch_s": times[0] - start,
       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "batch": args.batch, "batches": args.batches, "start_step": args.start_step,
-      "steps_per_epoch": data.steps_per_epoch(source, args.batch),
+      "steps_per_epoch": pipeline.steps_per_epoch(source, args.batch),
       "image_shape": list(batch["image"].shape), "cpus": os.cpu_count()}
   print(json.dumps(result) if args.json else result)
   return 0

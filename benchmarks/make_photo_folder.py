@@ -20,7 +20,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from spanet_jax import preprocess
+from spanet_jax.data import preprocess
 
 # Colour photographs (scikit-image's data folder, then scikit-learn's two).
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",

@@ -8,11 +8,13 @@
 import importlib
 
 # Public names and the submodules that define them, imported on first use so that
-# `from spanet_jax import host_memory` runs before NumPy or JAX start any thread.
-_EXPORTS = {"load_pretrained": "checkpoint", "save_pretrained": "checkpoint",
-            "merge_pretrained": "checkpoint", "restore_train_state": "checkpoint",
-            "ModelInfo": "registry", "create_model": "registry", "list_models": "registry",
-            "model_info": "registry", "SPANet": "spanet"}
+# `from spanet_jax.train import host_memory` runs before NumPy or JAX start any thread.
+_EXPORTS = {"load_pretrained": "models.pretrained", "save_pretrained": "models.pretrained",
+            "merge_pretrained": "models.pretrained", "CheckpointError": "models.pretrained",
+            "restore_train_state": "train.checkpoints", "create_model": "models.factory",
+            "ModelInfo": "models.registry", "list_models": "models.registry",
+            "model_info": "models.registry", "SPANet": "models.spanet",
+            "SPANetV2": "models.spanetv2"}
 
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

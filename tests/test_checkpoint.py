@@ -9,7 +9,7 @@ from flax import traverse_util
 
 import spanet_jax
 from conftest import TINY
-from spanet_jax import checkpoint
+from spanet_jax.models import pretrained
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_features_only_gives_the_four_stage_maps(tiny_checkpoint):
 
 def test_create_model_refuses_weights_of_another_model(tiny_checkpoint):
   directory, _ = tiny_checkpoint
-  with pytest.raises(checkpoint.CheckpointError, match="holds spanet_tiny_test weights"):
+  with pytest.raises(pretrained.CheckpointError, match="holds spanet_tiny_test weights"):
     spanet_jax.create_model("spanet_s", pretrained=directory)
 
 
@@ -99,14 +99,14 @@ def test_weights_that_do_not_fit_their_description_are_refused(tiny_checkpoint, 
   metadata["overrides"] = {"dims": [8, 16, 20, 40]}
   (edited / "spanet.json").write_text(json.dumps(metadata))
   for overrides in ({}, {"num_classes": 10}):
-    with pytest.raises(checkpoint.CheckpointError,
+    with pytest.raises(pretrained.CheckpointError,
                        match=r"do not fit the model its metadata describes.*shape"):
       spanet_jax.load_pretrained(str(edited), **overrides)
 
 
 def test_converted_weights_run_from_flax_nnx(tiny_checkpoint):
   from flax import nnx
-  from spanet_jax import nnx_interop
+  from spanet_jax.models import nnx_interop
   directory, _ = tiny_checkpoint
   model, variables = spanet_jax.load_pretrained(directory)
   module = nnx_interop.to_nnx(model, variables)
@@ -120,7 +120,7 @@ def test_a_train_workdir_points_at_its_final_weights(tmp_path):
   workdir = tmp_path / "run"
   (workdir / "checkpoints").mkdir(parents=True)
   (workdir / "config.json").write_text("{}")
-  with pytest.raises(checkpoint.CheckpointError, match=r"train.py workdir: .*run/final"):
+  with pytest.raises(pretrained.CheckpointError, match=r"train.py workdir: .*run/final"):
     spanet_jax.load_pretrained(str(workdir))
 
 
@@ -139,7 +139,7 @@ def test_damaged_parameter_data_is_refused(tiny_checkpoint, tmp_path):
   spanet_jax.save_pretrained(str(tmp_path / "other"), TINY, other)
   shutil.rmtree(swapped / "params")
   shutil.copytree(tmp_path / "other" / "params", swapped / "params")
-  with pytest.raises(checkpoint.CheckpointError, match=r"parameter data in .* is damaged: "
+  with pytest.raises(pretrained.CheckpointError, match=r"parameter data in .* is damaged: "
                                                        r"backbone/\S+ and \d+ more differ"):
     spanet_jax.load_pretrained(str(swapped))
   code, _, stderr = run_main(convert_torch_weights.main, "--to-torch", "--input", swapped,
@@ -155,7 +155,7 @@ def test_damaged_parameter_data_is_refused(tiny_checkpoint, tmp_path):
   middle = len(blob) // 2
   blob[middle:middle + 64] = bytes(b ^ 0xFF for b in blob[middle:middle + 64])
   open(largest, "wb").write(bytes(blob))
-  with pytest.raises(checkpoint.CheckpointError):
+  with pytest.raises(pretrained.CheckpointError):
     spanet_jax.load_pretrained(str(flipped))
 
 
@@ -174,5 +174,5 @@ def test_malformed_metadata_is_one_clear_error(edit, message, tiny_checkpoint, t
   metadata = json.loads((edited / "spanet.json").read_text())
   edit(metadata)
   (edited / "spanet.json").write_text(json.dumps(metadata))
-  with pytest.raises(checkpoint.CheckpointError, match=f"spanet.json is unreadable: {message}"):
+  with pytest.raises(pretrained.CheckpointError, match=f"spanet.json is unreadable: {message}"):
     spanet_jax.load_pretrained(str(edited))

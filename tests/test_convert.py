@@ -12,7 +12,9 @@ import torch
 
 import convert_torch_weights
 import spanet_jax
-from spanet_jax import convert, registry, torch_reference, verify
+from spanet_jax import convert
+from spanet_jax.models import registry
+from spanet_jax.reference import spanet_torch, verify
 from conftest import TINY, run_main, state_dict_numpy, tiny_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +33,7 @@ def tiny_state_dict():
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
   """A random SPANet-S checkpoint in the official layout, as a training run saves it."""
-  reference = torch_reference.randomize_(torch_reference.SPANet(), seed=1)
+  reference = spanet_torch.randomize_(spanet_torch.SPANet(), seed=1)
   path = tmp_path_factory.mktemp("official") / "spanet-small.pth"
   torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()},
               "epoch": 299, "arch": "spanet_small"}, path)
@@ -84,7 +86,7 @@ def test_every_container_gives_the_same_params(wrap, tmp_path):
 @pytest.mark.parametrize("name", ["spanet_s", "spanet_m", "spanet_mx", "spanet_b", "spanet_bx"])
 def test_variant_is_inferred_from_shapes(name):
   with torch.device("meta"):
-    reference = torch_reference.SPANet(**registry.model_info(name).architecture)
+    reference = spanet_torch.SPANet(**registry.model_info(name).architecture)
   shapes = {k: np.empty(v.shape, np.float32) for k, v in reference.state_dict().items()}
   architecture = convert.infer_architecture(shapes)
   assert convert.matching_model(architecture) == name
@@ -140,7 +142,7 @@ def test_cli_converts_verifies_loads_and_exports(small_checkpoint, tmp_path):
   loaded = torch.load(exported, weights_only=True)
   assert list(loaded) == list(original)
   assert all(torch.equal(loaded[k], v) for k, v in original.items())
-  torch_reference.SPANet().load_state_dict(loaded, strict=True)
+  spanet_torch.SPANet().load_state_dict(loaded, strict=True)
 
 
 def test_cli_as_a_program(small_checkpoint, tmp_path):

@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from configs import default
-from spanet_jax import augment, data, preprocess, transforms
+from spanet_jax.data import augment, pipeline, preprocess, transforms
 
 
 def erase(images, seed, probability):
@@ -120,11 +120,11 @@ def digits(tmp_path_factory):
   config = default.get_config()
   config.dataset, config.data_dir = "sklearn_digits", str(tmp_path_factory.mktemp("tfds"))
   config.image_size = 32
-  return config, data.make_source(data.make_builder(config), "train")  # 1,437 examples
+  return config, pipeline.make_source(pipeline.make_builder(config), "train")  # 1,437 examples
 
 
 def take(config, source, global_batch, start, count, process=0, processes=1):
-  stream = data.train_batches(source, config, global_batch, start, process, processes)
+  stream = pipeline.train_batches(source, config, global_batch, start, process, processes)
   return [next(stream) for _ in range(count)]
 
 
@@ -141,7 +141,7 @@ def test_training_batches_with_the_full_recipe_are_deterministic(digits):
 def test_resume_at_any_step_gives_the_uninterrupted_batches(digits):
   """Including across the epoch's end (89 steps of 16); a new epoch has a new order."""
   config, source = digits
-  assert data.steps_per_epoch(source, 16) == 89
+  assert pipeline.steps_per_epoch(source, 16) == 89
   straight = take(config, source, 16, 85, 6)
   for offset in (1, 3, 4, 5):
     resumed = take(config, source, 16, 85 + offset, 1)[0]
@@ -170,19 +170,19 @@ def test_every_example_once_per_epoch_over_processes_and_process_count_free(digi
       tf.constant(p, tf.int64), tf.constant([config.seed, 0], tf.int64), 1436))
              for p in range(22 * 64)]
   assert len(set(indices)) == len(indices) == len(images)
-  with pytest.raises(data.DataError, match="does not divide over 3 processes"):
+  with pytest.raises(pipeline.DataError, match="does not divide over 3 processes"):
     take(config, source, 64, 0, 1, 0, 3)
 
 
 def test_eval_batches_count_every_example_once_over_processes(tmp_path):
   config = default.get_config()
   config.dataset, config.data_dir = "sklearn_digits", str(tmp_path)
-  source = data.make_source(data.make_builder(config), "test")  # 360 examples
+  source = pipeline.make_source(pipeline.make_builder(config), "test")  # 360 examples
   data_config = preprocess.DataConfig(32, 1.0, (0.5,) * 3, (0.5,) * 3)
   seen = []
   counts = []
   for process in range(3):
-    batches = list(data.eval_batches(source, data_config, 50, process, 3, prefetch=1))
+    batches = list(pipeline.eval_batches(source, data_config, 50, process, 3, prefetch=1))
     counts.append(len(batches))
     for batch, names in batches:
       assert batch["image"].shape == (50, 32, 32, 3)
@@ -200,9 +200,9 @@ def test_eval_images_are_prepared_as_timm_prepares_them(tmp_path):
   for index, path in enumerate(photos):
     (root / f"class{index}").mkdir(parents=True)
     Image.open(path).save(root / f"class{index}" / "photo.png")
-  source = data.folder_source(str(root), {"class0": 0, "class1": 1, "class2": 2})
+  source = pipeline.folder_source(str(root), {"class0": 0, "class1": 1, "class2": 2})
   data_config = preprocess.DataConfig(64, 0.875, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-  (batch, names), = list(data.eval_batches(source, data_config, 4, 0, 1, prefetch=1))
+  (batch, names), = list(pipeline.eval_batches(source, data_config, 4, 0, 1, prefetch=1))
   assert [int(label) for label in batch["label"][:3]] == [0, 1, 2]
   for row, name in enumerate(names):
     expected = data_config.transform(preprocess.load_image(name))
@@ -213,16 +213,16 @@ def test_eval_images_are_prepared_as_timm_prepares_them(tmp_path):
 def test_missing_dataset_says_what_to_do(tmp_path):
   config = default.get_config()
   config.data_dir, config.manual_dir = str(tmp_path), str(tmp_path / "manual")
-  with pytest.raises(data.DataError, match="ILSVRC2012_img_train.tar.*manual"):
-    data.make_builder(config)
+  with pytest.raises(pipeline.DataError, match="ILSVRC2012_img_train.tar.*manual"):
+    pipeline.make_builder(config)
 
 
 def test_a_tfrecord_dataset_is_refused_with_the_conversion_command(tmp_path):
-  builder = data.SklearnDigits(data_dir=str(tmp_path), file_format="tfrecord")
+  builder = pipeline.SklearnDigits(data_dir=str(tmp_path), file_format="tfrecord")
   builder.download_and_prepare()
-  with pytest.raises(data.DataError, match="tfds convert_format --dataset_version_dir=.*"
+  with pytest.raises(pipeline.DataError, match="tfds convert_format --dataset_version_dir=.*"
                                            "--out_file_format=array_record"):
-    data.make_source(builder, "train")
+    pipeline.make_source(builder, "train")
 
 
 def test_input_pipeline_benchmark_reports_its_json_line(tmp_path):

@@ -10,7 +10,8 @@ import tensorflow as tf
 import export
 import spanet_jax
 from conftest import TINY, run_main
-from spanet_jax import export as exporting, platform
+from spanet_jax.ops import platform
+from spanet_jax.tools import export as exporting
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,14 @@ import sys
 
 import pytest
 
-from spanet_jax import host_memory
+from spanet_jax.train import host_memory
 
 # A jitted program whose scratch is one ~200 MiB block (cumulative sums and a sort
 # keep several 64 MiB intermediates alive), run 24 times; prints the scratch size in
 # pages and the page faults of each of the last 16 runs.
 PROGRAM = """
 import resource, sys
-from spanet_jax import host_memory
+from spanet_jax.train import host_memory
 if sys.argv[1] == "keep":
   assert host_memory.keep_freed_memory()
 import jax, jax.numpy as jnp

@@ -10,7 +10,9 @@ import torch
 from flax import linen as nn
 
 import spanet_jax
-from spanet_jax import layers, registry, torch_reference
+from spanet_jax.models import layers, spanet
+from spanet_jax.reference import spanet_torch
+from spanet_jax.ops import activations, batching, depthwise, norms
 from conftest import TINY, TINY_ARCH, TINY_V2
 
 
@@ -45,7 +47,7 @@ def test_spanet_s_trainable_parameters():
 def test_parameters_match_reference_and_paper(name):
   info = spanet_jax.model_info(name)
   with torch.device("meta"):
-    reference = torch_reference.SPANet(**info.architecture)
+    reference = spanet_torch.SPANet(**info.architecture)
   trainable = sum(p.numel() for p in reference.parameters() if p.requires_grad)
   count = param_count(name)
   assert count == trainable
@@ -121,21 +123,21 @@ def test_train_mode_is_stochastic_and_eval_deterministic(tiny_variables):
 
 def test_drop_path_rates_grow_linearly_over_all_blocks():
   # 5 blocks in all: rates 0, 0.1, 0.2, 0.3, 0.4 in order of depth.
-  backbone = spanet_jax.spanet.SPANetBackbone(
+  backbone = spanet.SPANetBackbone(
       TINY_ARCH["layers"], TINY_ARCH["dims"], (2, 2, 1, 1), (16, 8, 4, 2),
       (False, False, True, True), drop_path_rate=0.4)
   rates = []
-  original = spanet_jax.spanet.SPANetBlock.__call__
+  original = spanet.SPANetBlock.__call__
 
   def spy(self, x, train=False):
     rates.append(self.drop_path_rate)
     return original(self, x, train)
 
-  spanet_jax.spanet.SPANetBlock.__call__ = spy
+  spanet.SPANetBlock.__call__ = spy
   try:
     jax.eval_shape(backbone.init, jax.random.PRNGKey(0), jnp.ones((1, 64, 64, 3)))
   finally:
-    spanet_jax.spanet.SPANetBlock.__call__ = original
+    spanet.SPANetBlock.__call__ = original
   np.testing.assert_allclose(rates, [0.0, 0.1, 0.2, 0.3, 0.4])
 
 
@@ -158,7 +160,7 @@ def test_shifted_depthwise_sum_is_the_grouped_convolution(kernel_size, rng):
       x, kernel[:, :, None, :], (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6,
       precision=jax.lax.Precision.HIGHEST) + bias
-  got = layers.shifted_depthwise_sum(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias))
+  got = depthwise.shifted_depthwise_sum(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias))
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
 
 
@@ -188,7 +190,7 @@ def test_shifted_depthwise_sum_gradient_is_the_grouped_convolutions(kernel_size,
     return jnp.sum(y * weights)
 
   shifted = lambda x, kernel, bias: jnp.sum(
-      layers.shifted_depthwise_sum(x, kernel, bias) * weights)
+      depthwise.shifted_depthwise_sum(x, kernel, bias) * weights)
   want = jax.grad(grouped, argnums=(0, 1, 2))(x, kernel, bias)
   got = jax.jit(jax.grad(shifted, argnums=(0, 1, 2)))(x, kernel, bias)
   for name, g, w in zip(("x", "kernel", "bias"), got, want):
@@ -199,7 +201,7 @@ def test_shifted_depthwise_sum_gradient_is_the_grouped_convolutions(kernel_size,
 
 
 def test_gelu_and_its_gradient_are_pytorchs(rng):
-  """layers.gelu and its hand-written gradient against torch's exact GELU and autograd,
+  """activations.gelu and its hand-written gradient against torch's exact GELU and autograd,
   including far in the tails."""
   x = np.concatenate([rng.standard_normal(500) * 3, [-12.0, -6.0, 0.0, 6.0, 12.0]])
   x = x.astype(np.float32)
@@ -207,14 +209,14 @@ def test_gelu_and_its_gradient_are_pytorchs(rng):
   x_torch = torch.tensor(x, requires_grad=True)
   y_torch = torch.nn.functional.gelu(x_torch)
   (y_torch * torch.tensor(weights)).sum().backward()
-  y = jax.jit(layers.gelu)(x)
-  grad = jax.jit(jax.grad(lambda x: jnp.sum(layers.gelu(x) * weights)))(x)
+  y = jax.jit(activations.gelu)(x)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(activations.gelu(x) * weights)))(x)
   np.testing.assert_allclose(y, y_torch.detach().numpy(), rtol=2e-6, atol=1e-6)
   np.testing.assert_allclose(grad, x_torch.grad.numpy(), rtol=2e-6, atol=1e-6)
 
 
 def test_gelu_mlp_and_its_gradient_are_pytorchs(rng):
-  """layers.gelu_mlp (fc1, GELU, fc2 with a hand-written gradient) against the same
+  """activations.gelu_mlp (fc1, GELU, fc2 with a hand-written gradient) against the same
   layers in PyTorch, value and every gradient."""
   x, k1, b1, k2, b2 = (rng.standard_normal(shape).astype(np.float32) for shape in
                        ((300, 8), (8, 32), (32,), (32, 8), (8,)))
@@ -223,8 +225,8 @@ def test_gelu_mlp_and_its_gradient_are_pytorchs(rng):
   tx, tk1, tb1, tk2, tb2 = torch_args
   ty = torch.nn.functional.gelu(tx @ tk1 + tb1) @ tk2 + tb2
   (ty * torch.tensor(weights)).sum().backward()
-  loss = lambda *args: jnp.sum(layers.gelu_mlp(*args) * weights)
-  y = jax.jit(layers.gelu_mlp)(x, k1, b1, k2, b2)
+  loss = lambda *args: jnp.sum(activations.gelu_mlp(*args) * weights)
+  y = jax.jit(activations.gelu_mlp)(x, k1, b1, k2, b2)
   grads = jax.jit(jax.grad(loss, argnums=tuple(range(5))))(x, k1, b1, k2, b2)
   np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-5, atol=1e-5)
   for name, g, t in zip(("x", "kernel1", "bias1", "kernel2", "bias2"), grads, torch_args):
@@ -252,11 +254,11 @@ def test_hand_written_gradients_keep_less_for_the_backward_pass():
     return grad.lower(x, *params).compile().memory_analysis().temp_size_in_bytes
 
   flat = x.reshape(-1, 16)
-  plain_mlp = lambda x, k1, b1, k2, b2: layers._gelu(x @ k1 + b1) @ k2 + b2
-  assert scratch(layers.gelu_mlp, flat, k1, b1, k2, b2) < scratch(plain_mlp, flat, k1, b1, k2, b2)
+  plain_mlp = lambda x, k1, b1, k2, b2: activations._gelu(x @ k1 + b1) @ k2 + b2
+  assert scratch(activations.gelu_mlp, flat, k1, b1, k2, b2) < scratch(plain_mlp, flat, k1, b1, k2, b2)
   theirs = nn.GroupNorm(num_groups=1, epsilon=1e-5, use_fast_variance=False)
   flax_norm = lambda x, scale, bias: theirs.apply({"params": {"scale": scale, "bias": bias}}, x)
-  ours = lambda x, scale, bias: layers.single_group_norm(x, scale, bias, 1e-5)
+  ours = lambda x, scale, bias: norms.single_group_norm(x, scale, bias, 1e-5)
   assert scratch(ours, x, scale, bias) < scratch(flax_norm, x, scale, bias)
 
 
@@ -269,7 +271,7 @@ def test_depthwise_kernel_gradient_keeps_no_per_tap_products():
   weights = jnp.full(x.shape, 0.5)
   bias = jnp.zeros(64)
   loss = lambda kernel, x, weights: jnp.sum(
-      layers.shifted_depthwise_sum(x, kernel, bias) * weights)
+      depthwise.shifted_depthwise_sum(x, kernel, bias) * weights)
   for kernel in (jnp.full((1, 7, 64), 0.1), jnp.full((7, 1, 64), 0.1)):
     compiled = jax.jit(jax.grad(loss)).lower(kernel, x, weights).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < 3 * x.nbytes
@@ -289,7 +291,7 @@ def test_chained_depthwise_gradients_compute_each_input_gradient_once():
   x = jnp.ones((8, 7, 7, 512), jnp.float32)  # SPANet-S's last stage
   weights = jnp.full(x.shape, 0.5)
   row, column = jnp.full((1, 7, 512), 0.1), jnp.full((7, 1, 512), 0.2)
-  conv = lambda x, kernel: layers.shifted_depthwise_sum(x, kernel, jnp.zeros((), x.dtype))
+  conv = lambda x, kernel: depthwise.shifted_depthwise_sum(x, kernel, jnp.zeros((), x.dtype))
   alone = sum(products(lambda x, k: jnp.sum(conv(x, k) * weights), x, kernel)
               for kernel in (row, column))
   chained = products(lambda x, r, c: jnp.sum(conv(conv(x, r), c) * weights), x, row, column)
@@ -383,9 +385,9 @@ def test_pretrained_directory_round_trip(tmp_path):
   assert loaded.num_classes == 10
   x = jnp.ones((1, 64, 64, 3))
   np.testing.assert_array_equal(apply(loaded, loaded_vars, x), apply(model, variables, x))
-  with pytest.raises(spanet_jax.checkpoint.CheckpointError, match="already exists"):
+  with pytest.raises(spanet_jax.CheckpointError, match="already exists"):
     spanet_jax.save_pretrained(str(tmp_path / "ckpt"), TINY, variables["params"])
-  with pytest.raises(spanet_jax.checkpoint.CheckpointError, match="no such checkpoint"):
+  with pytest.raises(spanet_jax.CheckpointError, match="no such checkpoint"):
     spanet_jax.load_pretrained(str(tmp_path / "missing"))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging left behind
 
@@ -403,7 +405,7 @@ def test_every_implementation_computes_the_default_model(overrides, tiny_variabl
 def test_batch_parts_compute_the_whole_batch(tiny_variables):
   """The batch run as independent parts (the default on one CPU device: 2 for an even
   batch) gives every sample's logits, features and gradients as the whole batch does."""
-  assert layers.batch_parts_for(8, None) == 2 and layers.batch_parts_for(3, None) == 1
+  assert batching.batch_parts_for(8, None) == 2 and batching.batch_parts_for(3, None) == 1
   x = jax.random.normal(jax.random.PRNGKey(3), (4, 64, 64, 3))
   features = lambda m: apply(m, tiny_variables, x, method="stage_features")
   loss = lambda p, m: jnp.sum(m.apply({"params": p}, x, train=True) ** 2)
@@ -443,7 +445,6 @@ def test_captured_intermediates_hold_the_whole_batch(tiny_variables):
 
 
 def test_default_paths_on_cpu():
-  from spanet_jax import spanet
   assert spanet.SPAM(radius=2, mask_size=(56, 56))._spectral_impl() == "lowrank"
   assert spanet.SPAM(radius=2, mask_size=(56, 56), learnable_masks=True)._spectral_impl() == "fft"
 

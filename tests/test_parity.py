@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import spanet_jax
-from spanet_jax import convert, registry, torch_reference, verify
+from spanet_jax import convert
+from spanet_jax.models import registry
+from spanet_jax.reference import spanet_torch, verify
 from conftest import TINY, assert_gradients_match_autograd, state_dict_numpy, tiny_reference
 
 
@@ -57,8 +59,8 @@ def test_tiny_dense_prediction_backbone(rng):
 @pytest.mark.parametrize("name", ["spanet_s", "spanet_m", "spanet_mx", "spanet_b", "spanet_bx"])
 def test_every_variant_at_224_and_256(name, rng):
   torch.manual_seed(0)
-  reference = torch_reference.randomize_(
-      torch_reference.SPANet(**registry.model_info(name).architecture)).eval()
+  reference = spanet_torch.randomize_(
+      spanet_torch.SPANet(**registry.model_info(name).architecture)).eval()
   model, variables = converted(reference)
   for size in (224, 256):
     x = rng.standard_normal((2, size, size, 3)).astype(np.float32)

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from spanet_jax import preprocess, randaugment
+from spanet_jax.data import preprocess, randaugment
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,11 @@ import torch.nn.functional as F
 
 import convert_torch_weights
 import spanet_jax
-from spanet_jax import convert, layers, registry, spectral, torch_reference, torch_reference_v2
-from spanet_jax.verify import REL_L2_TOLERANCE, compare_outputs
+from spanet_jax import convert
+from spanet_jax.models import layers, registry, spectral
+from spanet_jax.reference import spanet_torch, spanetv2_torch
+from spanet_jax.reference.verify import REL_L2_TOLERANCE, compare_outputs
+from spanet_jax.ops import attention, grouped
 from conftest import (TINY_V2, assert_gradients_match_autograd, run_main, state_dict_numpy,
                       tiny_v2_reference)
 
@@ -88,7 +91,7 @@ def test_parameter_counts_equal_the_reference():
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
     flax_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes))
-    reference = torch_reference_v2.SPANetV2(**registry.model_info(name).architecture)
+    reference = spanetv2_torch.SPANetV2(**registry.model_info(name).architecture)
     assert flax_count == sum(p.numel() for p in reference.parameters())
   assert flax_count == 26_991_948  # S18 hybrid; the paper rounds to 27M
 
@@ -124,10 +127,10 @@ def test_grouped_projection_and_its_gradient_match_the_einsum(shape, rng):
   probe = jnp.asarray(rng.standard_normal((batch, height, width, groups, outputs)), jnp.float32)
   einsum = lambda x, k: jnp.einsum("bhwig,gio->bhwgo", x, k,
                                    precision=jax.lax.Precision.HIGHEST)
-  np.testing.assert_allclose(layers.grouped_projection(x, kernel), einsum(x, kernel),
+  np.testing.assert_allclose(grouped.grouped_projection(x, kernel), einsum(x, kernel),
                              rtol=1e-5, atol=1e-5)
   loss = lambda fn: lambda x, k: jnp.sum(fn(x, k) * probe)
-  got = jax.jit(jax.grad(loss(layers.grouped_projection), argnums=(0, 1)))(x, kernel)
+  got = jax.jit(jax.grad(loss(grouped.grouped_projection), argnums=(0, 1)))(x, kernel)
   want = jax.grad(loss(einsum), argnums=(0, 1))(x, kernel)
   for g, w in zip(got, want):
     assert g.shape == w.shape and g.dtype == w.dtype
@@ -169,8 +172,8 @@ def test_attention_forms_agree(rng):
   plain softmax form: values, gradients of q, k and v, and bfloat16."""
   q, k, v, probe = (jnp.asarray(rng.standard_normal((2, 49, 3, 8)) * 2, jnp.float32)
                     for _ in range(4))
-  plain = lambda q, k, v: layers._softmax_attention(q, k, v, 8 ** -0.5)
-  ours = lambda q, k, v: layers.dot_product_attention(q, k, v, 8 ** -0.5)
+  plain = lambda q, k, v: attention._softmax_attention(q, k, v, 8 ** -0.5)
+  ours = lambda q, k, v: attention.dot_product_attention(q, k, v, 8 ** -0.5)
   np.testing.assert_allclose(jax.jit(ours)(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
   loss = lambda fn: lambda *args: jnp.sum(fn(*args) * probe)
   got = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
@@ -228,8 +231,8 @@ def test_grouped_projection_layout_matters(rng):
 @pytest.mark.parametrize("name", V2_MODELS)
 def test_every_variant_at_224_and_256(name, rng):
   torch.manual_seed(0)
-  reference = torch_reference.randomize_(
-      torch_reference_v2.SPANetV2(**registry.model_info(name).architecture)).eval()
+  reference = spanet_torch.randomize_(
+      spanetv2_torch.SPANetV2(**registry.model_info(name).architecture)).eval()
   model, variables = converted(reference)
   assert model.token_mixers == registry.model_info(name).architecture["token_mixers"]
   for size in (224, 256):
@@ -255,7 +258,7 @@ def test_converter_cli_verifies_and_rejects_a_mismatch(tmp_path):
   code, _, stderr = run_main(convert_torch_weights.main, "--to-torch", "--input", out,
                              "--output", exported, "--verify", "--verify-sizes", "64")
   assert code == 0, stderr
-  fresh = torch_reference_v2.SPANetV2(**registry.model_info(TINY_V2["hybrid"]).architecture)
+  fresh = spanetv2_torch.SPANetV2(**registry.model_info(TINY_V2["hybrid"]).architecture)
   fresh.load_state_dict(torch.load(exported, weights_only=True), strict=True)
   # The wrong family, a missing tensor: one message each, nothing written.
   code, _, stderr = run_main(convert_torch_weights.main, "--input", pth, "--output",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from spanet_jax import spectral
+from spanet_jax.models import spectral
 
 
 def official_recipe_mask(size, radius, lamb):

@@ -21,7 +21,8 @@ import predict
 import spanet_jax
 import spectral_analysis
 from configs import default
-from spanet_jax import frequency_analysis, inference, labels, preprocess
+from spanet_jax.data import labels, preprocess
+from spanet_jax.tools import frequency_analysis, inference
 from conftest import TINY, TINY_ARCH, run_main, tiny_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +96,7 @@ def test_load_refuses_what_is_not_a_checkpoint(tmp_path, official, tiny_variable
   (workdir / "config.json").write_text(default.get_config().to_json())
   cases.append((workdir, "no weights yet"))
   for path, message in cases:
-    with pytest.raises(spanet_jax.checkpoint.CheckpointError, match=message):
+    with pytest.raises(spanet_jax.CheckpointError, match=message):
       inference.load(str(path))
 
 
@@ -219,7 +220,7 @@ def test_predict_refuses_an_extreme_aspect_ratio_in_bounded_memory(tmp_path, off
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (20000, 1, 3), np.uint8)).save(strip)
   out = tmp_path / "predictions.json"
   script = ("import sys, predict\n"
-            "from spanet_jax import registry\n"
+            "from spanet_jax.models import registry\n"
             f"registry.register(registry.ModelInfo(name={TINY!r}, family='spanet', "
             f"architecture={TINY_ARCH!r}))\n"
             "code = predict.main(sys.argv[1:])\n"
@@ -347,10 +348,12 @@ def test_evaluate_over_8_devices_matches_1_device(tmp_path, official, photo_fold
   assert code == 0, stderr
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
          "PYTHONPATH": REPO}
-  # The tiny model is registered by the tests, so the subprocess evaluates a copy of its
-  # weights described as such through the module that registers it.
-  script = ("import sys; sys.path.insert(0, 'tests'); import conftest, evaluate; "
-            "sys.exit(evaluate.main(sys.argv[1:]))")
+  # The subprocess registers the tiny model as the test session does.
+  script = ("import sys; sys.path.insert(0, 'tests'); import conftest, evaluate\n"
+            "from spanet_jax.models import registry\n"
+            "with registry.registered(*conftest.TINY_INFOS):\n"
+            "  code = evaluate.main(sys.argv[1:])\n"
+            "sys.exit(code)\n")
   sharded = tmp_path / "sharded.csv"
   run = lambda batch: subprocess.run(
       [sys.executable, "-c", script, "--checkpoint", converted, "--data", photo_folder,

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from spanet_jax import augment, trainer
+from spanet_jax.data import augment
+from spanet_jax.train import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A fast demo: tiny widths, two epochs of 22 steps, a checkpoint every 10 steps.
@@ -89,7 +90,7 @@ def test_mixing_targets_follow_the_pixels(mixup, cutmix):
 def test_schedule_warms_up_then_decays_to_min_lr():
   config = default.get_config()
   config.num_epochs, config.warmup_epochs, config.batch_size = 10, 2, 512
-  schedule = trainer.learning_rate_schedule(config, steps_per_epoch=100)
+  schedule = steps.learning_rate_schedule(config, steps_per_epoch=100)
   assert float(schedule(0)) == pytest.approx(1e-6, rel=1e-5)
   assert float(schedule(200)) == pytest.approx(5e-4, rel=1e-5)  # 1e-3 * 512 / 1024
   assert float(schedule(1000)) == pytest.approx(1e-5, rel=1e-5)
@@ -97,17 +98,17 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 
 
 def test_weight_decay_skips_one_dimensional_parameters():
-  mask = trainer.decay_mask({"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3),
+  mask = steps.decay_mask({"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3),
                              "scale": jnp.ones(3), "conv": jnp.ones((1, 7, 1, 4))})
   assert mask == {"kernel": True, "bias": False, "scale": False, "conv": True}
 
 
 def test_pretrained_merge_keeps_matching_tensors_and_reports_new_head():
-  from spanet_jax import checkpoint
+  from spanet_jax.models import pretrained
   params = {"backbone": {"w": jnp.zeros((2, 2))}, "head": {"kernel": jnp.zeros((4, 10))}}
-  pretrained = {"backbone": {"w": jnp.ones((2, 2))}, "head": {"kernel": jnp.ones((4, 1000))},
-                "norm": {"scale": jnp.ones((4,))}}
-  merged, report = checkpoint.merge_pretrained(params, pretrained)
+  stored = {"backbone": {"w": jnp.ones((2, 2))}, "head": {"kernel": jnp.ones((4, 1000))},
+            "norm": {"scale": jnp.ones((4,))}}
+  merged, report = pretrained.merge_pretrained(params, stored)
   np.testing.assert_array_equal(merged["backbone"]["w"], 1.0)
   np.testing.assert_array_equal(merged["head"]["kernel"], 0.0)
   assert report.added == ("head/kernel",)
@@ -331,15 +332,16 @@ def test_resume_falls_back_past_damaged_checkpoints(tmp_path, one_epoch_run, dat
   middle = len(raw) // 2
   raw[middle:middle + 64] = bytes(b ^ 0xFF for b in raw[middle:middle + 64])
   path.write_bytes(bytes(raw))
-  from spanet_jax import checkpoint
-  with pytest.raises(checkpoint.CheckpointError, match="checkpoint 22 .* fails its checksum"):
-    checkpoint.restore_train_state(str(flipped))
-  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint for step 7: steps"):
-    checkpoint.restore_train_state(str(flipped), step=7)
-  with pytest.raises(checkpoint.CheckpointError, match="no train.py checkpoints in"):
-    checkpoint.restore_train_state(str(tmp_path / "nowhere"))
-  with pytest.raises(checkpoint.CheckpointError, match="has no checkpoint at all"):
-    checkpoint.restore_train_state(str(tmp_path))
+  from spanet_jax.models import pretrained
+  from spanet_jax.train import checkpoints
+  with pytest.raises(pretrained.CheckpointError, match="checkpoint 22 .* fails its checksum"):
+    checkpoints.restore_train_state(str(flipped))
+  with pytest.raises(pretrained.CheckpointError, match="no checkpoint for step 7: steps"):
+    checkpoints.restore_train_state(str(flipped), step=7)
+  with pytest.raises(pretrained.CheckpointError, match="no train.py checkpoints in"):
+    checkpoints.restore_train_state(str(tmp_path / "nowhere"))
+  with pytest.raises(pretrained.CheckpointError, match="has no checkpoint at all"):
+    checkpoints.restore_train_state(str(tmp_path))
   (flipped / "final.old").mkdir()  # left by an overwrite interrupted earlier
   (flipped / "final.old" / "params").write_text("stale")
   broken = copy_run(one_epoch_run, tmp_path / "broken")

@@ -14,7 +14,7 @@ import optax
 
 import spanet_jax
 from configs import default
-from spanet_jax import trainer
+from spanet_jax.train import mesh, steps
 
 
 def main(num_devices: int, model_axis: int, grads_path: str) -> None:
@@ -23,18 +23,18 @@ def main(num_devices: int, model_axis: int, grads_path: str) -> None:
   config.drop_path_rate = 0.0
   model = spanet_jax.create_model("spanet_s", layers=(1, 1, 1, 1), dims=(8, 16, 24, 32),
                                   num_classes=10)
-  partitioning = trainer.Partitioning.create(model_axis, jax.devices()[:num_devices])
+  partitioning = mesh.Partitioning.create(model_axis, jax.devices()[:num_devices])
   optimizer = optax.sgd(1.0)  # so that params - new params = gradients
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
-  state = trainer.init_state(model, optimizer, params, config, jax.random.PRNGKey(1))
+  state = steps.init_state(model, optimizer, params, config, jax.random.PRNGKey(1))
   sharding = partitioning.state(jax.eval_shape(lambda: state))
   state = jax.device_put(state, sharding)
   rng = np.random.default_rng(0)
-  batch = trainer.global_batch(partitioning, {
+  batch = mesh.global_batch(partitioning, {
       "image": rng.integers(0, 256, (16, 32, 32, 3)).astype(np.uint8),
       "label": rng.integers(0, 10, 16).astype(np.int32)})
 
-  step = jax.jit(lambda s, b: trainer.train_step(s, b, model=model, optimizer=optimizer,
+  step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, optimizer=optimizer,
                                                   config=config, mean=(0.5,) * 3,
                                                   std=(0.25,) * 3),
                  in_shardings=(sharding, partitioning.batch), out_shardings=(sharding, None))

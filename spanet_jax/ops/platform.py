@@ -1,6 +1,7 @@
-"""Which exact formulation the models pick where they have several (`auto` options and
-the CPU forms in layers.py): the one for the backend they run on, or for a target a
-caller names while tracing, as `export` does for another platform or for TensorFlow.
+"""Which exact formulation the models pick where they have several: every `auto` option
+resolves here, to the form for the backend they run on, or for a target a caller names
+while tracing, as `export` does for another platform or for TensorFlow. Every form is
+exact on every backend; the CPU forms are only faster on XLA:CPU (docs/performance.md).
 
   with platform.target("tpu"):          # trace TPU/GPU formulations on this CPU
     exported = jax.export.export(jax.jit(fn), platforms=("cpu", "cuda", "tpu"))(...)
@@ -48,6 +49,39 @@ def backend_for_platforms(platforms) -> str:
     if preferred in backends:
       return preferred
   raise ValueError("no platform given")
+
+
+def spectral_impl() -> str:
+  """SPAM's spectral filter with learned or unconstrained masks: FFTs on CPU; elsewhere
+  DFTs as matrix products, which keep TPUs and GPUs on their matrix units."""
+  return "fft" if backend() == "cpu" else "dft"
+
+
+def strided_conv_impl(in_features: int) -> str:
+  """Downsampling convolutions: one matrix product over gathered windows on CPU, except
+  for the 3-channel stem, whose windows are too narrow to gather efficiently."""
+  return "im2col" if backend() == "cpu" and in_features >= 16 else "conv"
+
+
+def depthwise_impl() -> str:
+  """Depthwise convolutions: shifted sums on CPU (XLA:CPU runs grouped convolutions far
+  slower), the native convolution elsewhere."""
+  return "shift" if backend() == "cpu" else "conv"
+
+
+def channel_mean_as_product() -> bool:
+  """Channel means as products with a column of 1 / C on CPU (see norms.channel_mean)."""
+  return backend() == "cpu"
+
+
+def keys_first_attention() -> bool:
+  """Attention with the keys on axis 2 on CPU (see attention.dot_product_attention)."""
+  return backend() == "cpu"
+
+
+def default_batch_parts(batch: int) -> int:
+  """Two independent halves of an even batch on a single CPU device (batching.py)."""
+  return 2 if single_cpu_device() and batch % 2 == 0 else 1
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
-"""The SPANetV2 half of the converter: its official key table and what a state_dict says
-about its architecture. The mechanism (both directions, checks, files) is convert.py's."""
+"""SPANetV2's official key table and what a SPANetV2 state_dict says
+about its architecture (docs/architecture.md: the official model's modules)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from spanet_jax.convert import (AS_IS, CONV, GROUPED, LINEAR, POINTWISE, VECTOR,
-                                ConversionError, Entry)
+from spanet_jax.convert.entries import (AS_IS, CONV, GROUPED, LINEAR, POINTWISE, VECTOR,
+                                       ConversionError, Entry, weights)
 
-STEM_KEY = "downsample_layers.0.conv.weight"
+FAMILY = "spanetv2"
+# A key only this family's files hold (the stem): how a file's family is told.
+IDENTIFYING_KEY = STEM_KEY = "downsample_layers.0.conv.weight"
 _BLOCK_KEY = re.compile(r"^stages\.(\d+)\.(\d+)\.")
 
 
@@ -40,16 +42,8 @@ class ArchitectureV2:
                model.num_classes, tuple(model.filter_sizes))
 
 
-def _weights(prefix: str, path: tuple[str, ...], kind: str, bias: bool,
-             weight_name: str = "kernel") -> list[Entry]:
-  entries = [Entry(f"{prefix}.weight", path + (weight_name,), kind)]
-  if bias:
-    entries.append(Entry(f"{prefix}.bias", path + ("bias",), VECTOR))
-  return entries
-
-
 def _norm(prefix: str, path: tuple[str, ...], bias: bool) -> list[Entry]:
-  return _weights(prefix, path, VECTOR, bias, weight_name="scale")
+  return weights(prefix, path, VECTOR, bias, weight_name="scale")
 
 
 def key_map(arch: ArchitectureV2, res_scale_stages=(False, False, True, True)) -> list[Entry]:
@@ -60,7 +54,7 @@ def key_map(arch: ArchitectureV2, res_scale_stages=(False, False, True, True)) -
     t, f = f"downsample_layers.{i}", bb + (f"downsample{i}",)
     if i > 0:
       entries += _norm(f"{t}.pre_norm", f + ("pre_norm",), bias=False)
-    entries += _weights(f"{t}.conv", f + ("conv",), CONV, bias=True)
+    entries += weights(f"{t}.conv", f + ("conv",), CONV, bias=True)
     if i == 0:
       entries += _norm(f"{t}.post_norm", f + ("post_norm",), bias=False)
   for i, depth in enumerate(arch.layers):
@@ -71,35 +65,35 @@ def key_map(arch: ArchitectureV2, res_scale_stages=(False, False, True, True)) -
       if arch.token_mixers[i] == "exspam":
         entries += [Entry(f"{mixer}.filter_{g}", fmixer + (f"filter_{g}",), AS_IS)
                     for g in range(1, 5)]
-        entries += _weights(f"{mixer}.query.0", fmixer + ("query",), LINEAR, bias=False)
-        entries += _weights(f"{mixer}.ctx", fmixer + ("ctx",), LINEAR, bias=False)
+        entries += weights(f"{mixer}.query.0", fmixer + ("query",), LINEAR, bias=False)
+        entries += weights(f"{mixer}.ctx", fmixer + ("ctx",), LINEAR, bias=False)
         for g in range(1, 5):
-          entries += _weights(f"{mixer}.local_conv_{g}", fmixer + (f"local_conv_{g}",), CONV,
+          entries += weights(f"{mixer}.local_conv_{g}", fmixer + (f"local_conv_{g}",), CONV,
                               bias=True)
         entries.append(Entry(f"{mixer}.proj.0.weight", fmixer + ("proj_0",), GROUPED))
         entries += _norm(f"{mixer}.proj.1", fmixer + ("proj_1",), bias=True)
-        entries += _weights(f"{mixer}.proj.3", fmixer + ("proj_3",), POINTWISE, bias=False)
-        entries += _weights(f"{mixer}.proj_out", fmixer + ("proj_out",), LINEAR, bias=False)
+        entries += weights(f"{mixer}.proj.3", fmixer + ("proj_3",), POINTWISE, bias=False)
+        entries += weights(f"{mixer}.proj_out", fmixer + ("proj_out",), LINEAR, bias=False)
       else:
-        entries += _weights(f"{mixer}.qkv", fmixer + ("qkv",), LINEAR, bias=False)
+        entries += weights(f"{mixer}.qkv", fmixer + ("qkv",), LINEAR, bias=False)
         if arch.token_mixers[i] == "mixattention":
-          entries += _weights(f"{mixer}.local_conv", fmixer + ("local_conv",), CONV,
+          entries += weights(f"{mixer}.local_conv", fmixer + ("local_conv",), CONV,
                               bias=False)
-        entries += _weights(f"{mixer}.proj", fmixer + ("proj",), LINEAR, bias=False)
+        entries += weights(f"{mixer}.proj", fmixer + ("proj",), LINEAR, bias=False)
       if res_scale_stages[i]:
         entries.append(Entry(f"{t}.res_scale1.scale", f + ("res_scale1", "scale"), VECTOR))
       entries += _norm(f"{t}.norm2", f + ("norm2",), bias=False)
-      entries += _weights(f"{t}.mlp.fc1", f + ("mlp", "fc1"), LINEAR, bias=False)
+      entries += weights(f"{t}.mlp.fc1", f + ("mlp", "fc1"), LINEAR, bias=False)
       entries += [Entry(f"{t}.mlp.act.{n}", f + ("mlp", "act", n), VECTOR)
                   for n in ("scale", "bias")]
-      entries += _weights(f"{t}.mlp.fc2", f + ("mlp", "fc2"), LINEAR, bias=False)
+      entries += weights(f"{t}.mlp.fc2", f + ("mlp", "fc2"), LINEAR, bias=False)
       if res_scale_stages[i]:
         entries.append(Entry(f"{t}.res_scale2.scale", f + ("res_scale2", "scale"), VECTOR))
   entries += _norm("norm", ("norm",), bias=True)
   if arch.num_classes > 0:
-    entries += _weights("head.fc1", ("head", "fc1"), LINEAR, bias=True)
+    entries += weights("head.fc1", ("head", "fc1"), LINEAR, bias=True)
     entries += _norm("head.norm", ("head", "norm"), bias=True)
-    entries += _weights("head.fc2", ("head", "fc2"), LINEAR, bias=True)
+    entries += weights("head.fc2", ("head", "fc2"), LINEAR, bias=True)
   return entries
 
 
@@ -136,3 +130,7 @@ def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> ArchitectureV2:
   num_classes = int(head.shape[0]) if head is not None else 0
   return ArchitectureV2(tuple(depths[i] for i in range(4)), tuple(dims), tuple(mixers),
                         num_classes, tuple(filter_sizes))
+
+
+def architecture_of(model) -> ArchitectureV2:
+  return ArchitectureV2.of_model(model)

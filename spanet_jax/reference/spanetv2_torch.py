@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spanet_jax.torch_reference import DropPath
+from spanet_jax.reference.spanet_torch import DropPath
 
 
 class ChannelsLastLayerNorm(nn.Module):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spanet_jax import platform
+from spanet_jax.ops import platform
 
 
 class ExportError(Exception):

@@ -16,16 +16,19 @@ import os
 from typing import Any, Iterator
 
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
-# TensorFlow is only a data reader here: keep it off any accelerator and quiet.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from spanet_jax.data import preprocess, transforms
 
-import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top
-import tensorflow_datasets as tfds  # noqa: E402  pylint: disable=g-import-not-at-top
 
-tf.config.set_visible_devices([], "GPU")
-
-from spanet_jax import preprocess, transforms  # noqa: E402  pylint: disable=g-import-not-at-top
+def keep_tensorflow_off_accelerators() -> None:
+  """TensorFlow is only a data reader here: it must leave every GPU to JAX. Called by
+  each pipeline builder; it must come before TensorFlow first touches a device."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # devices already initialised: the setting was made before
+    pass
 
 
 class DataError(Exception):
@@ -99,6 +102,7 @@ class Source:
 def make_builder(config):
   """The dataset `config` names: a FolderTree for `config.folder`, else a TFDS builder
   (prepared as ArrayRecord on first use)."""
+  keep_tensorflow_off_accelerators()
   data_dir = config.data_dir or None
   if config.folder:
     if not os.path.isdir(config.folder):
@@ -194,6 +198,7 @@ def train_batches(source: Source, config, global_batch: int, start_step: int,
   replay), and the batches do not depend on the number of processes. Host memory holds
   encoded images and a few prepared batches, never a shuffle buffer of decoded images.
   """
+  keep_tensorflow_off_accelerators()
   if global_batch % process_count:
     raise DataError(f"the global batch {global_batch} does not divide over "
                     f"{process_count} processes")
@@ -235,6 +240,7 @@ def eval_batches(source: Source, data_config: preprocess.DataConfig, local_batch
   model scores here what it scores in the official pipeline. All processes yield the same
   number of batches (collectives need it).
   """
+  keep_tensorflow_off_accelerators()
   indices = np.arange(process_index, source.num_examples, process_count, dtype=np.int64)
   if source.files is not None:
     names = [source.files[i][0] for i in indices]
@@ -309,6 +315,7 @@ def folder_classes(root: str) -> list[str]:
 
 def folder_source(root: str, class_index: dict[str, int]) -> Source:
   """The images of a class-per-folder tree, labelled by `class_index` (folder -> class)."""
+  keep_tensorflow_off_accelerators()
   files = []
   for name in folder_classes(root):
     if name not in class_index:

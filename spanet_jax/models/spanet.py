@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from spanet_jax import layers, platform, spectral
+from spanet_jax.models import layers, spectral
+from spanet_jax.ops import batching, platform
 
 Dtype = Any
 # How the spectral filter is computed; all are exact (see spectral.py).
@@ -34,7 +35,7 @@ class SPAM(nn.Module):
     if impl == "auto":
       if not self.learnable_masks:
         return "lowrank"
-      return "fft" if platform.backend() == "cpu" else "dft"
+      return platform.spectral_impl()
     if impl == "lowrank" and self.learnable_masks:
       raise ValueError("spectral_impl='lowrank' needs the fixed masks; with learnable masks "
                        "use 'fft' or 'dft'")
@@ -238,7 +239,7 @@ class SPANet(nn.Module):
       # Captured or sown intermediates then hold the whole batch, one entry per call,
       # as they would without parts (each part records its own otherwise).
       parts = 1
-    features = layers.in_batch_parts(lambda part: self.backbone(part, train), x, parts)
+    features = batching.in_batch_parts(lambda part: self.backbone(part, train), x, parts)
     if self.features_only:
       features = tuple(norm(f) for norm, f in zip(self.out_norms, features))
     return features

@@ -18,7 +18,10 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from spanet_jax.models.pretrained import CheckpointError
 
 CHECKSUM_FILE = "checkpoint_checksums.json"
 DAMAGED_DIR = "damaged_checkpoints"
@@ -169,3 +172,46 @@ def _move_aside(manager, steps, primary: bool) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("train_checkpoints: damaged moved aside")
   manager.reload()
+
+
+def restore_train_state(workdir: str, step: int | None = None, sharding=None) -> dict:
+  """A train.py state checkpoint (params, opt_state, ema_params, step, rng) restored on
+  this machine's devices, whatever device count or process count wrote it (a pod's run
+  read on one host, 8 devices' on 4).
+
+  Args:
+    workdir: the train.py workdir (or its `checkpoints/` directory).
+    step: which checkpoint; default the newest.
+    sharding: a jax.sharding.Sharding for every array; default the first local device.
+
+  Returns:
+    The state as nested dicts of jax.Arrays, keyed as train.py's TrainState.
+
+  Raises:
+    CheckpointError: no such checkpoint, or its arrays fail the checksums recorded
+      when it was saved.
+  """
+  directory = os.path.abspath(workdir)
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    directory = os.path.join(directory, "checkpoints")
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"no train.py checkpoints in {workdir}")
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.CheckpointManager(directory,
+                             item_handlers=ocp.StandardCheckpointHandler()) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      raise CheckpointError(f"{directory} has no checkpoint "
+                            f"{'at all' if step is None else f'for step {step}'}: "
+                            f"steps {sorted(manager.all_steps())}")
+    stored = manager.item_metadata(step)
+    stored = getattr(stored, "tree", stored)
+    target = jax.tree.map(
+        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding), stored,
+        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    state = manager.restore(step, args=ocp.args.StandardRestore(target))
+    damaged = damaged_array(manager, step, state)
+    if damaged:
+      raise CheckpointError(f"checkpoint {step} in {directory} fails its checksum (first "
+                            f"damaged array: {damaged})")
+    return state

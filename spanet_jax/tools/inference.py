@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spanet_jax import checkpoint, labels, preprocess, registry, trainer
-from spanet_jax.checkpoint import CheckpointError
-from spanet_jax.preprocess import DataConfig
+from spanet_jax.data import labels, preprocess
+from spanet_jax.models import pretrained, registry
+from spanet_jax.train import steps
+from spanet_jax.models.pretrained import CheckpointError
+from spanet_jax.data.preprocess import DataConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,15 +72,15 @@ def load(path: str, **overrides: Any) -> LoadedModel:
           f"python convert_torch_weights.py --input {path} --output DIR")
     raise CheckpointError(f"{path} is a file; a checkpoint is a directory written by "
                           "convert_torch_weights.py or train.py")
-  if os.path.isfile(os.path.join(path, checkpoint.METADATA_FILE)):
+  if os.path.isfile(os.path.join(path, pretrained.METADATA_FILE)):
     return _load_pretrained_dir(path, overrides)
   if os.path.isfile(os.path.join(path, "config.json")):
     final = os.path.join(path, "final")
-    if os.path.isfile(os.path.join(final, checkpoint.METADATA_FILE)):
+    if os.path.isfile(os.path.join(final, pretrained.METADATA_FILE)):
       return _load_pretrained_dir(final, overrides)
     return _load_workdir_best(path, overrides)
   raise CheckpointError(
-      f"{path} is neither a spanet-jax checkpoint (no {checkpoint.METADATA_FILE}) nor a "
+      f"{path} is neither a spanet-jax checkpoint (no {pretrained.METADATA_FILE}) nor a "
       "train.py workdir (no config.json)")
 
 
@@ -87,7 +89,7 @@ INIT_PREFIX = "init:"
 
 def _initialised(name: str, overrides: dict) -> LoadedModel:
   try:
-    model = registry.create_model(name, **overrides)
+    model = registry.build_model(name, **overrides)
   except ValueError as err:
     raise CheckpointError(str(err)) from None
   data = data_config(name)
@@ -98,10 +100,10 @@ def _initialised(name: str, overrides: dict) -> LoadedModel:
 
 
 def _load_pretrained_dir(path: str, overrides: dict) -> LoadedModel:
-  metadata = checkpoint.read_metadata(path)
-  model, variables = checkpoint.load_pretrained(path, **overrides)
+  metadata = pretrained.read_metadata(path)
+  model, variables = pretrained.load_pretrained(path, **overrides)
   name = metadata["model"]
-  checkpoint.check_params(path, model, variables["params"], metadata["overrides"])
+  pretrained.check_params(path, model, variables["params"], metadata["overrides"])
   num_classes = _num_classes(model)
   class_names = tuple(metadata.get("class_names") or default_class_names(num_classes))
   if len(class_names) != num_classes:
@@ -119,7 +121,7 @@ def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
       config = json.load(f)
     name = config["model"]
     registry.model_info(name)
-    options = trainer.described_options(trainer.model_options(config))
+    options = steps.described_options(steps.model_options(config))
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
     raise CheckpointError(f"{workdir}/config.json is not a train.py config: {err}") from None
   best = os.path.join(workdir, "best")
@@ -133,9 +135,9 @@ def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
   finally:
     manager.close()
   params = jax.tree.map(np.asarray, params)
-  model = registry.create_model(name, **{**options, **overrides})
+  model = registry.build_model(name, **{**options, **overrides})
   variables = {"params": params}
-  checkpoint.check_params(best, model, variables["params"], options)
+  pretrained.check_params(best, model, variables["params"], options)
   num_classes = config["num_classes"]
   crop_pct = config.get("crop_pct", -1)
   data = data_config(name, {"input_size": config.get("image_size"),
@@ -146,7 +148,7 @@ def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
 
 
 def _num_classes(model) -> int:
-  """Classes of the head (checked against the weights by checkpoint.check_params); 0 for a
+  """Classes of the head (checked against the weights by pretrained.check_params); 0 for a
   dense-prediction backbone, which has none."""
   return 0 if getattr(model, "features_only", False) else int(model.num_classes)
 
@@ -184,3 +186,10 @@ def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def load_images(paths: Sequence[str], data: DataConfig) -> np.ndarray:
   """Decode and prepare image files (ImageError names the file that fails)."""
   return np.stack([data.transform(preprocess.load_image(p)) for p in paths])
+
+
+def predict_step(params, images, *, model, k: int = 5):
+  """The k most likely classes of each image and their softmax probabilities."""
+  logits = model.apply({"params": params}, images, train=False).astype(jnp.float32)
+  probs, classes = jax.lax.top_k(jax.nn.softmax(logits), min(k, logits.shape[-1]))
+  return classes, probs

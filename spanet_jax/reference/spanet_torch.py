@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spanet_jax import spectral
+from spanet_jax.models import spectral
 
 
 class GroupNorm1(nn.GroupNorm):

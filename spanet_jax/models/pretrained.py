@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import shutil
+import sys
+import threading
 from typing import Any, Mapping
 
 import flax
@@ -21,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from spanet_jax import registry, train_checkpoints
+from spanet_jax.models import registry
 
 METADATA_FILE = "spanet.json"
 PARAMS_DIR = "params"
@@ -219,11 +221,11 @@ def load_pretrained(directory: str, *, rng: jax.Array | None = None,
   metadata = read_metadata(directory)
   name = metadata["model"]
   try:
-    described = registry.create_model(name, **metadata["overrides"])
+    described = registry.build_model(name, **metadata["overrides"])
   except (TypeError, ValueError) as err:
     raise CheckpointError(f"{directory}/{METADATA_FILE}: its overrides do not build "
                           f"{name}: {err}") from None
-  model = registry.create_model(name, **{**metadata["overrides"], **overrides})
+  model = registry.build_model(name, **{**metadata["overrides"], **overrides})
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       params = checkpointer.restore(os.path.join(os.path.abspath(directory), PARAMS_DIR))
@@ -277,52 +279,45 @@ def _describe(overrides: Mapping[str, Any]) -> str:
   return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "its own options"
 
 
-def restore_train_state(workdir: str, step: int | None = None, sharding=None) -> dict:
-  """A train.py state checkpoint (params, opt_state, ema_params, step, rng) restored on
-  this machine's devices, whatever device count or process count wrote it (a pod's run
-  read on one host, 8 devices' on 4).
-
-  Args:
-    workdir: the train.py workdir (or its `checkpoints/` directory).
-    step: which checkpoint; default the newest.
-    sharding: a jax.sharding.Sharding for every array; default the first local device.
-
-  Returns:
-    The state as nested dicts of jax.Arrays, keyed as train.py's TrainState.
-
-  Raises:
-    CheckpointError: no such checkpoint, or its arrays fail the checksums recorded
-      when it was saved.
-  """
-  directory = os.path.abspath(workdir)
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
-    directory = os.path.join(directory, "checkpoints")
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"no train.py checkpoints in {workdir}")
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  with ocp.CheckpointManager(directory,
-                             item_handlers=ocp.StandardCheckpointHandler()) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      raise CheckpointError(f"{directory} has no checkpoint "
-                            f"{'at all' if step is None else f'for step {step}'}: "
-                            f"steps {sorted(manager.all_steps())}")
-    stored = manager.item_metadata(step)
-    stored = getattr(stored, "tree", stored)
-    target = jax.tree.map(
-        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding), stored,
-        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-    state = manager.restore(step, args=ocp.args.StandardRestore(target))
-    damaged = train_checkpoints.damaged_array(manager, step, state)
-    if damaged:
-      raise CheckpointError(f"checkpoint {step} in {directory} fails its checksum (first "
-                            f"damaged array: {damaged})")
-    return state
-
-
 def _jsonable(value):
   if isinstance(value, Mapping):
     return {k: _jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
     return [_jsonable(v) for v in value]
   return value
+
+
+def ignore_failed_read_reports() -> None:
+  """Drop the reports Orbax and TensorStore leave behind a failed checkpoint read (one
+  per array still in flight: "Event loop is closed" from their threads, the same read
+  error again from abandoned coroutines). The failure itself is reported, as one line,
+  by whoever caught it; every other report passes through."""
+  previous_except, previous_thread = sys.excepthook, threading.excepthook
+  previous_unraisable = sys.unraisablehook
+
+  def aftermath(value) -> bool:
+    return ((isinstance(value, RuntimeError) and str(value) == "Event loop is closed")
+            or "Encountered error while reading array index" in str(value))
+
+  def except_hook(kind, value, traceback):
+    if not (aftermath(value) and threading.current_thread() is not threading.main_thread()):
+      previous_except(kind, value, traceback)
+
+  def thread_hook(report):
+    if not aftermath(report.exc_value):
+      previous_thread(report)
+
+  def unraisable_hook(report):
+    if not aftermath(report.exc_value):
+      previous_unraisable(report)
+
+  sys.excepthook, threading.excepthook = except_hook, thread_hook
+  sys.unraisablehook = unraisable_hook
+
+  def console_filter(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (aftermath(record.getMessage()) or (error is not None and aftermath(error)))
+
+  for handler in logging.getLogger().handlers:  # log files keep the whole story
+    if not isinstance(handler, logging.FileHandler):
+      handler.addFilter(console_filter)

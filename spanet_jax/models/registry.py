@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from flax import linen as nn
 
-from spanet_jax import spanet, spanetv2
+from spanet_jax.models import spanet, spanetv2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -94,27 +95,19 @@ def model_info(name: str) -> ModelInfo:
   return _MODELS[name]
 
 
-def create_model(name: str, pretrained: str | None = None, **overrides: Any):
-  """Build a registered model.
+def build_model(name: str, **overrides: Any) -> nn.Module:
+  """The Flax module of a registered model, untrained.
 
   Args:
     name: a registered model name (`list_models()`).
-    pretrained: a pretrained directory (converted official weights or a train.py
-      `final/`) holding weights of this model; then its weights are loaded as
-      `load_pretrained(pretrained, **overrides)` loads them, fitting a new
-      num_classes, learnable_masks or features_only.
     **overrides: module fields to replace (num_classes, dtype, drop_path_rate, ...).
 
   Returns:
-    The Flax module; with `pretrained`, (module, variables).
+    The Flax module.
+
+  Raises:
+    ValueError: an unknown name or option.
   """
-  if pretrained is not None:
-    # checkpoint builds on this module: imported here, not at the top, to keep one direction.
-    from spanet_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    stored = checkpoint.read_metadata(pretrained)["model"]
-    if stored != name:
-      raise checkpoint.CheckpointError(f"{pretrained} holds {stored} weights, not {name}")
-    return checkpoint.load_pretrained(pretrained, **overrides)
   info = model_info(name)
   module_cls = _BUILDERS[info.family]
   fields = {f.name for f in dataclasses.fields(module_cls)} - {"parent", "name"}
@@ -126,3 +119,17 @@ def create_model(name: str, pretrained: str | None = None, **overrides: Any):
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
   kwargs = {**info.architecture, "num_classes": info.num_classes, **overrides}
   return module_cls(**kwargs)
+
+
+@contextlib.contextmanager
+def registered(*infos: ModelInfo) -> Iterator[None]:
+  """Models registered for the duration of a block (test fixtures, experiments), the
+  registry left as it was afterwards."""
+  saved = dict(_MODELS)
+  for info in infos:
+    register(info)
+  try:
+    yield
+  finally:
+    _MODELS.clear()
+    _MODELS.update(saved)

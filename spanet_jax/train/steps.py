@@ -1,22 +1,17 @@
-"""The pieces of training: mesh and shardings, optimizer, state, and the pure steps.
-
-`train_step(state, batch)` and `eval_step(params, batch)` are pure functions; the
-mesh and every sharding are declared here, in `Partitioning`.
-"""
+"""The pieces of a training step: learning-rate schedule, optimizer, state, and the pure
+steps. `train_step(state, batch)` and `eval_step(params, batch)` are pure functions;
+the mesh and every sharding are declared in mesh.py."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from spanet_jax import augment
+from spanet_jax.data import augment
 
 
 @flax.struct.dataclass
@@ -26,50 +21,6 @@ class TrainState:
   opt_state: Any
   ema_params: Any  # None without EMA
   rng: jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class Partitioning:
-  """A (data, model) device mesh and the shardings of batches and state.
-
-  The batch is split over every device. With a model axis of 1 the state is
-  replicated; otherwise each parameter (and its optimizer moments) is split along
-  its largest axis that the model axis divides, as in FSDP.
-  """
-  mesh: Mesh
-
-  @classmethod
-  def create(cls, model_axis: int = 1, devices=None) -> "Partitioning":
-    devices = list(jax.devices() if devices is None else devices)
-    if model_axis < 1 or len(devices) % model_axis:
-      raise ValueError(f"mesh_model={model_axis} does not divide the {len(devices)} devices")
-    # Auto axes: XLA propagates shardings from the inputs (no sharding in types).
-    auto = (jax.sharding.AxisType.Auto,) * 2
-    return cls(jax.make_mesh((len(devices) // model_axis, model_axis), ("data", "model"),
-                             axis_types=auto, devices=devices))
-
-  @property
-  def batch(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P(("data", "model")))
-
-  @property
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P())
-
-  def for_array(self, shape: tuple[int, ...]) -> NamedSharding:
-    size = self.mesh.shape["model"]
-    if size == 1:
-      return self.replicated
-    axes = sorted(range(len(shape)), key=lambda a: -shape[a])
-    for axis in axes:
-      if shape[axis] % size == 0 and shape[axis] >= size:
-        spec = [None] * len(shape)
-        spec[axis] = "model"
-        return NamedSharding(self.mesh, P(*spec))
-    return self.replicated
-
-  def state(self, abstract_state) -> Any:
-    return jax.tree.map(lambda a: self.for_array(a.shape), abstract_state)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -95,7 +46,7 @@ def model_options(config) -> dict[str, Any]:
   """The create_model options a training config asks for (without dtype): what builds
   the model in train.py (described_options gives what its saved weights are described
   with)."""
-  from spanet_jax import registry  # pylint: disable=g-import-not-at-top
+  from spanet_jax.models import registry  # pylint: disable=g-import-not-at-top
 
   overrides = config["model_overrides"]
   overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
@@ -176,16 +127,3 @@ def eval_step(params, batch: dict, *, model):
   k = min(5, logits.shape[-1])
   top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.float32)
   return {"top1": jnp.sum(top1 * mask), "top5": jnp.sum(top5 * mask), "count": jnp.sum(mask)}
-
-
-def predict_step(params, images, *, model, k: int = 5):
-  """The k most likely classes of each image and their softmax probabilities."""
-  logits = model.apply({"params": params}, images, train=False).astype(jnp.float32)
-  probs, classes = jax.lax.top_k(jax.nn.softmax(logits), min(k, logits.shape[-1]))
-  return classes, probs
-
-
-def global_batch(partitioning: Partitioning, local: dict) -> dict:
-  """Assemble this process's share into global arrays sharded over the batch axis."""
-  return {k: jax.make_array_from_process_local_data(partitioning.batch, np.asarray(v))
-          for k, v in local.items()}

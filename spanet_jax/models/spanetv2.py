@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from spanet_jax import layers, platform, spectral
+from spanet_jax.models import layers, spectral
+from spanet_jax.ops import activations, attention, grouped, platform
 
 Dtype = Any
 TOKEN_MIXERS = ("exspam", "mixattention", "attention")
@@ -63,7 +64,7 @@ class ExSPAM(nn.Module):
       raise ValueError(f"unknown spectral_impl {self.spectral_impl!r} for SPANetV2; choose "
                        f"from {', '.join(SPECTRAL_IMPLS)}")
     if self.spectral_impl == "auto":
-      return "fft" if platform.backend() == "cpu" else "dft"
+      return platform.spectral_impl()
     return self.spectral_impl
 
   def _half_masks(self, group: int, height: int, width: int) -> jax.Array:
@@ -88,7 +89,7 @@ class ExSPAM(nn.Module):
     dense = lambda features, name: _dense(features, False, self.dtype, self.param_dtype, name)
     # The 1x1 convolutions as (B * H * W, C) products: see layers.Mlp.
     rows = x.reshape(-1, channels)
-    q = layers.gelu(dense(channels, "query")(rows))
+    q = activations.gelu(dense(channels, "query")(rows))
     ctx = dense(channels, "ctx")(rows).reshape(x.shape)
     convolved = [
         layers.DepthwiseConv((3 + 2 * i,) * 2, impl=self.depthwise_impl,
@@ -111,11 +112,11 @@ class ExSPAM(nn.Module):
     kernel = self.param("proj_0", _weight_init, (group, self.num_groups, per_group_out),
                         self.param_dtype)
     filtered, kernel = nn.dtypes.promote_dtype(filtered, kernel, dtype=self.dtype)
-    mixed = layers.grouped_projection(
+    mixed = grouped.grouped_projection(
         filtered.reshape(batch, height, width, self.num_groups, group), kernel)
     mixed = mixed.reshape(batch, height, width, channels * self.expand_ratio)
     mixed = layers.group_norm("proj_1", self.dtype, self.param_dtype)(mixed)
-    mixed = dense(channels, "proj_3")(layers.gelu(mixed.reshape(-1, mixed.shape[-1])))
+    mixed = dense(channels, "proj_3")(activations.gelu(mixed.reshape(-1, mixed.shape[-1])))
     return dense(channels, "proj_out")(q * mixed).reshape(x.shape)
 
 
@@ -136,7 +137,7 @@ class Attention(nn.Module):
     dense = lambda features, name: _dense(features, False, self.dtype, self.param_dtype, name)
     qkv = dense(3 * inner, "qkv")(x).reshape(batch, height * width, 3, heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
-    out = layers.dot_product_attention(q, k, v, self.head_dim ** -0.5).reshape(
+    out = attention.dot_product_attention(q, k, v, self.head_dim ** -0.5).reshape(
         batch, height, width, inner)
     if self.mix:
       if inner != channels:

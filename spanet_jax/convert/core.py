@@ -1,115 +1,30 @@
 """Official PyTorch SPANet and SPANetV2 state_dicts <-> Flax params, in both directions.
 
-One table per family (`key_map` here, `convert_v2.key_map`) lists, for an
-architecture, every official key with the Flax parameter it becomes and how the tensor
-is laid out; both directions read it.
+One key table per family (spanet_keys.py, spanetv2_keys.py) lists, for an architecture,
+every official key with the Flax parameter it becomes and how the tensor is laid out;
+both directions read it, the table chosen by the model's family in the registry.
 Tensors are handled as numpy arrays here; reading and writing `.pth` files (torch)
 happens in `load_state_dict_file` / `save_state_dict_file` only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from typing import Any, Mapping
 
 import numpy as np
 
-from spanet_jax import registry, spectral
+from spanet_jax.convert import spanet_keys, spanetv2_keys
+from spanet_jax.convert.entries import (AS_IS, CONV, GROUPED, LINEAR, MASK, POINTWISE,
+                                       VECTOR, ConversionError, Entry)
+from spanet_jax.models import registry, spectral
+
+# The key table of each model family, by the family name the registry gives a model.
+KEY_TABLES = {table.FAMILY: table for table in (spanet_keys, spanetv2_keys)}
 
 CONTAINER_KEYS = ("state_dict", "model", "state_dict_ema")
 STRIPPED_PREFIXES = ("module.", "backbone.")
-
-
-class ConversionError(Exception):
-  """A checkpoint that cannot be converted; the message says why, for the user."""
-
-
-# How an official tensor maps onto its Flax counterpart.
-CONV = "conv"        # (O, I, kh, kw) <-> (kh, kw, I, O)
-POINTWISE = "1x1"    # (O, I, 1, 1)   <-> (I, O) Dense kernel
-LINEAR = "linear"    # (O, I)         <-> (I, O)
-VECTOR = "vector"    # (C,)           <-> (C,)
-AS_IS = "as is"      # any shape, unchanged (SPANetV2's learned filters)
-GROUPED = "grouped"  # (O, I/G, 1, 1) grouped 1x1 conv <-> (G, I/G, O/G)
-MASK = "mask"        # (1, H, W) centred SPF mask <-> one row of (3, H, W) spectral_masks
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  torch_key: str
-  flax_path: tuple[str, ...]
-  kind: str
-  stage: int = -1  # for MASK entries: which stage and which chunk's lambda
-  chunk: int = -1
-
-
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-  """What a state_dict says about the model it came from."""
-  layers: tuple[int, ...]
-  dims: tuple[int, ...]
-  num_classes: int
-  features_only: bool
-  mask_sizes: tuple[int, ...]
-  family = "spanet"
-
-  def overrides(self) -> dict[str, Any]:
-    """create_model keyword arguments that rebuild this architecture."""
-    return dict(num_classes=self.num_classes, features_only=self.features_only,
-                mask_sizes=self.mask_sizes)
-
-  def describe(self) -> str:
-    return f"layers {list(self.layers)}, dims {list(self.dims)}"
-
-  @classmethod
-  def of_model(cls, model) -> "Architecture":
-    return cls(tuple(model.layers), tuple(model.dims), model.num_classes,
-               model.features_only, tuple(model.mask_sizes))
-
-
-def _module(prefix: str, path: tuple[str, ...], kind: str, bias: bool = True) -> list[Entry]:
-  weight_name = "scale" if kind == VECTOR else "kernel"
-  entries = [Entry(f"{prefix}.weight", path + (weight_name,), kind)]
-  if bias:
-    entries.append(Entry(f"{prefix}.bias", path + ("bias",), VECTOR))
-  return entries
-
-
-def key_map(arch: Architecture, res_scale_stages=(False, False, True, True)) -> list[Entry]:
-  """Every official key of `arch`, in official order, with its Flax path."""
-  bb = ("backbone",)
-  entries = _module("patch_embed.proj", bb + ("patch_embed",), CONV)
-  for i, depth in enumerate(arch.layers):
-    if i > 0:
-      entries += _module(f"network.{2 * i - 1}.proj", bb + (f"downsample{i}",), CONV)
-    for j in range(depth):
-      t, f = f"network.{2 * i}.{j}", bb + (f"stage{i}_block{j}",)
-      mixer, fmixer = f"{t}.token_mixer", f + ("token_mixer",)
-      entries += _module(f"{t}.norm1", f + ("norm1",), VECTOR)
-      entries += _module(f"{mixer}.proj_in", fmixer + ("proj_in",), POINTWISE)
-      entries += _module(f"{mixer}.conv.0", fmixer + ("conv_w",), CONV)
-      entries += _module(f"{mixer}.conv.1", fmixer + ("conv_h",), CONV)
-      entries += _module(f"{mixer}.proj_out", fmixer + ("proj_out",), POINTWISE)
-      entries += [Entry(f"{mixer}.sps.{k}.filter", fmixer + ("spectral_masks",), MASK, i, k)
-                  for k in range(len(spectral.SPAM_LAMBDAS))]
-      for k in range(len(spectral.SPAM_LAMBDAS)):
-        entries += _module(f"{mixer}.pws.{k}", fmixer + (f"pws_{k}",), POINTWISE)
-      entries += _module(f"{t}.norm2", f + ("norm2",), VECTOR)
-      entries += _module(f"{t}.mlp.fc1", f + ("mlp", "fc1"), POINTWISE)
-      entries += _module(f"{t}.mlp.fc2", f + ("mlp", "fc2"), POINTWISE)
-      if res_scale_stages[i]:
-        entries += [Entry(f"{t}.res_scale{n}.scale", f + (f"res_scale{n}", "scale"), VECTOR)
-                    for n in (1, 2)]
-  if arch.features_only:
-    for i in range(len(arch.dims)):
-      entries += _module(f"norm{2 * i}", (f"out_norms_{i}",), VECTOR)
-  else:
-    entries += _module("norm", ("norm",), VECTOR)
-    if arch.num_classes > 0:
-      entries += _module("head", ("head",), LINEAR)
-  return entries
 
 
 def _to_flax(array: np.ndarray, kind: str, flax_shape: tuple[int, ...]) -> np.ndarray:
@@ -186,51 +101,6 @@ def _as_numpy(value: Any) -> np.ndarray:
   return np.asarray(value)
 
 
-_BLOCK_KEY = re.compile(r"^network\.(\d+)\.(\d+)\.")
-
-
-def infer_architecture(state_dict: Mapping[str, np.ndarray]):
-  """The architecture (Architecture or convert_v2.ArchitectureV2) a state_dict holds."""
-  from spanet_jax import convert_v2  # pylint: disable=g-import-not-at-top
-
-  if convert_v2.STEM_KEY in state_dict:
-    return convert_v2.infer_architecture(state_dict)
-  if "patch_embed.proj.weight" not in state_dict:
-    raise ConversionError(
-        "neither 'patch_embed.proj.weight' (SPANet) nor "
-        f"'{convert_v2.STEM_KEY}' (SPANetV2) in the file: not a SPANet checkpoint "
-        f"(first keys: {', '.join(list(state_dict)[:5])})")
-  return _infer_spanet(state_dict)
-
-
-def _infer_spanet(state_dict: Mapping[str, np.ndarray]) -> Architecture:
-  """Read layers, widths, head and mask sizes off a SPANet state_dict."""
-  depth_by_index: dict[int, int] = {}
-  for key in state_dict:
-    match = _BLOCK_KEY.match(key)
-    if match:
-      index, block = int(match.group(1)), int(match.group(2))
-      depth_by_index[index] = max(depth_by_index.get(index, 0), block + 1)
-  stage_indices = sorted(i for i in depth_by_index if i % 2 == 0)
-  if stage_indices != [0, 2, 4, 6]:
-    raise ConversionError("the file's network.* keys do not form four SPANet stages "
-                          f"(found stage indices {stage_indices})")
-  layers = tuple(depth_by_index[i] for i in stage_indices)
-  dims, mask_sizes = [], []
-  for i in stage_indices:
-    norm = state_dict.get(f"network.{i}.0.norm1.weight")
-    mask = state_dict.get(f"network.{i}.0.token_mixer.sps.0.filter")
-    if norm is None or mask is None or mask.ndim != 3:
-      raise ConversionError(f"stage {i // 2} of the file lacks 'network.{i}.0.norm1.weight' or "
-                            f"a (1, H, W) 'network.{i}.0.token_mixer.sps.0.filter'")
-    dims.append(int(norm.shape[0]))
-    mask_sizes.append(int(mask.shape[-1]))
-  features_only = "norm0.weight" in state_dict and "head.weight" not in state_dict
-  head = state_dict.get("head.weight")
-  num_classes = int(head.shape[0]) if head is not None else 0
-  return Architecture(layers, tuple(dims), num_classes, features_only, tuple(mask_sizes))
-
-
 def matching_model(arch) -> str | None:
   """The registered model of the same family and architecture, if any."""
   for name in registry.list_models():
@@ -241,26 +111,27 @@ def matching_model(arch) -> str | None:
   return None
 
 
+def infer_architecture(state_dict: Mapping[str, np.ndarray]):
+  """The architecture a state_dict holds, read by the key table of its family."""
+  for table in KEY_TABLES.values():
+    if table.IDENTIFYING_KEY in state_dict:
+      return table.infer_architecture(state_dict)
+  known = " nor ".join(f"'{t.IDENTIFYING_KEY}' ({t.FAMILY})" for t in KEY_TABLES.values())
+  raise ConversionError(f"neither {known} in the file: not a SPANet checkpoint "
+                        f"(first keys: {', '.join(list(state_dict)[:5])})")
+
+
 def describe(arch) -> str:
   name = matching_model(arch)
   family = "SPANetV2" if arch.family == "spanetv2" else "SPANet"
   return f"{name} ({arch.describe()})" if name else f"no registered {family} ({arch.describe()})"
 
 
-def family_key_map(arch, res_scale_stages) -> list[Entry]:
-  """The key table of the architecture's family."""
-  if arch.family == "spanetv2":
-    from spanet_jax import convert_v2  # pylint: disable=g-import-not-at-top
-    return convert_v2.key_map(arch, res_scale_stages)
-  return key_map(arch, res_scale_stages)
-
-
-def architecture_of(model):
-  """The Architecture a Flax model of either family has."""
-  if hasattr(model, "token_mixers"):
-    from spanet_jax import convert_v2  # pylint: disable=g-import-not-at-top
-    return convert_v2.ArchitectureV2.of_model(model)
-  return Architecture.of_model(model)
+def key_map(model_name: str, model) -> list[Entry]:
+  """Every official key of a built model, in official order, with its Flax path: the
+  key table of the model's registered family."""
+  table = KEY_TABLES[registry.model_info(model_name).family]
+  return table.key_map(table.architecture_of(model), tuple(model.res_scale_stages))
 
 
 def _list(keys, limit: int = 8) -> str:
@@ -292,9 +163,9 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], model_name: str | None =
   overrides = arch.overrides()
   if learnable_masks and family == "spanet":  # SPANetV2's masks are always learned
     overrides["learnable_masks"] = True
-  model = registry.create_model(model_name, **overrides)
+  model = registry.build_model(model_name, **overrides)
   # The key table of the model asked for; the file's own shape only names what it is.
-  entries = family_key_map(architecture_of(model), tuple(model.res_scale_stages))
+  entries = key_map(model_name, model)
   expected_keys = {e.torch_key for e in entries}
   missing = [e.torch_key for e in entries if e.torch_key not in state_dict]
   unexpected = [k for k in state_dict if k not in expected_keys]
@@ -365,10 +236,9 @@ def _param_shapes(model) -> dict:
 def flax_to_torch(params: Mapping, model_name: str, overrides: Mapping[str, Any]
                   ) -> dict[str, np.ndarray]:
   """Flax params -> an official-layout state_dict (numpy arrays, official key order)."""
-  model = registry.create_model(model_name, **overrides)
-  arch = architecture_of(model)
+  model = registry.build_model(model_name, **overrides)
   state_dict = {}
-  for entry in family_key_map(arch, tuple(model.res_scale_stages)):
+  for entry in key_map(model_name, model):
     if entry.kind != MASK:
       array = np.asarray(_get(params, entry.flax_path), np.float32)
       state_dict[entry.torch_key] = np.ascontiguousarray(_to_torch(array, entry.kind))
@@ -376,7 +246,7 @@ def flax_to_torch(params: Mapping, model_name: str, overrides: Mapping[str, Any]
       state_dict[entry.torch_key] = np.asarray(
           _get(params, entry.flax_path), np.float32)[entry.chunk][None].copy()
     else:
-      size = arch.mask_sizes[entry.stage]
+      size = model.mask_sizes[entry.stage]
       state_dict[entry.torch_key] = spectral.centred_mask(
           size, size, model.radii[entry.stage], spectral.SPAM_LAMBDAS[entry.chunk])[None].copy()
   return state_dict
@@ -475,7 +345,6 @@ def key_table_markdown() -> str:
   """docs/checkpoint_keys.md: every official key pattern of both families (classifier
   and dense-prediction backbone) with its Flax parameter path, from the converter's own
   key tables."""
-  from spanet_jax import registry  # pylint: disable=g-import-not-at-top  (registry -> models)
   sections = [("SPANet (`spanet_s`; every variant has the same patterns)", "spanet_s", {}),
               ("SPANet dense-prediction backbone (`features_only=True`)", "spanet_s",
                {"features_only": True}),
@@ -487,8 +356,8 @@ def key_table_markdown() -> str:
            "; a test keeps it current). `{s}` is the stage (0-3), `{b}` the block within it; "
            "Flax paths are under `params`.", ""]
   for title, name, overrides in sections:
-    model = registry.create_model(name, **overrides)
-    entries = family_key_map(architecture_of(model), model.res_scale_stages)
+    model = registry.build_model(name, **overrides)
+    entries = key_map(name, model)
     lines += [f"## {title}", "", "| official key | Flax path | conversion |", "| --- | --- | --- |"]
     seen = set()
     for entry in entries:

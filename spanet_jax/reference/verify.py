@@ -8,7 +8,8 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
-from spanet_jax import preprocess, registry
+from spanet_jax.data import preprocess
+from spanet_jax.models import registry
 
 # Relative L2 difference of logits allowed between the two frameworks (float32).
 REL_L2_TOLERANCE = 2e-5
@@ -39,15 +40,15 @@ def reference_model(model, state_dict: Mapping[str, np.ndarray]):
   """The PyTorch reference with the Flax model's architecture, loaded strictly."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  from spanet_jax import torch_reference, torch_reference_v2  # pylint: disable=g-import-not-at-top
+  from spanet_jax.reference import spanet_torch, spanetv2_torch  # pylint: disable=g-import-not-at-top
 
   if hasattr(model, "token_mixers"):  # SPANetV2
-    reference = torch_reference_v2.SPANetV2(
+    reference = spanetv2_torch.SPANetV2(
         layers=model.layers, dims=model.dims, token_mixers=model.token_mixers,
         filter_sizes=model.filter_sizes, res_scale_stages=model.res_scale_stages,
         mlp_ratio=model.mlp_ratio, num_classes=model.num_classes)
   else:
-    reference = torch_reference.SPANet(
+    reference = spanet_torch.SPANet(
         layers=model.layers, dims=model.dims, radii=model.radii, mask_sizes=model.mask_sizes,
         res_scale_stages=model.res_scale_stages, mlp_ratio=model.mlp_ratio,
         kernel_size=model.kernel_size, num_classes=model.num_classes,

@@ -22,7 +22,7 @@ import math
 
 import tensorflow as tf
 
-from spanet_jax import randaugment
+from spanet_jax.data import randaugment
 
 
 def sample_crop(height, width, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),

@@ -1,0 +1,68 @@
+"""What the command-line tools share: user-error handling and atomic file writes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from typing import Callable
+
+from spanet_jax.data import labels, preprocess
+from spanet_jax.models import pretrained
+
+
+class UsageError(Exception):
+  """A bad argument; the message says which and why."""
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+  """Exceptions that mean the user's input is wrong (one message, exit 2, no traceback)."""
+  errors = [UsageError, pretrained.CheckpointError, preprocess.ImageError, labels.LabelsError]
+  # Only tools that read datasets or export import TensorFlow: their errors are known
+  # once their modules are.
+  if "spanet_jax.data.pipeline" in sys.modules:
+    errors.append(sys.modules["spanet_jax.data.pipeline"].DataError)
+  if "spanet_jax.tools.export" in sys.modules:
+    errors.append(sys.modules["spanet_jax.tools.export"].ExportError)
+  return tuple(errors)
+
+
+def run(main: Callable[[], int]) -> int:
+  """Call `main`; a user error becomes `error: ...` on stderr and exit status 2."""
+  pretrained.ignore_failed_read_reports()
+  try:
+    return main()
+  except Exception as err:  # pylint: disable=broad-except
+    if isinstance(err, user_errors()):
+      print(f"error: {err}", file=sys.stderr)
+      return 2
+    raise
+
+
+def write_atomically(path: str, text: str) -> None:
+  """Write `text` to `path` through a temporary sibling, so readers never see half a file."""
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for secrets, not results
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def check_writable(path: str) -> None:
+  """Fail before any work if `path` cannot be written (a directory, or an unwritable place)."""
+  path = os.path.abspath(path)
+  if os.path.isdir(path):
+    raise UsageError(f"{path} is a directory; give a file name")
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    raise UsageError(f"cannot write {path}: {parent} is not a writable directory")

@@ -1,0 +1,395 @@
+"""The training loop behind train.py: checks, data, state, resume, steps, evaluation,
+checkpoints and the final weights. Every sharding comes from mesh.Partitioning; the step
+itself is steps.train_step, a pure function of (state, batch)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging as std_logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+from jax.experimental import multihost_utils
+
+from spanet_jax.data import pipeline, preprocess, randaugment
+from spanet_jax.models import pretrained, registry
+from spanet_jax.train import checkpoints, mesh, steps
+
+
+def quiet_console(verbose: bool) -> None:
+  """The console keeps train.py's own lines, warnings and errors; library INFO lines
+  (Orbax logs every checkpoint step, TFDS every shard) go to WORKDIR/train.log only."""
+  if not verbose:
+    logging.get_absl_handler().setLevel(std_logging.WARNING)
+    tfds.disable_progress_bar()
+
+
+def log_to_file(workdir: str) -> None:
+  log_file = std_logging.FileHandler(os.path.join(workdir, "train.log"))
+  log_file.setFormatter(std_logging.Formatter(
+      "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
+  log_file.setLevel(std_logging.INFO)
+  std_logging.getLogger().addHandler(log_file)
+
+
+# The options that shape the learning-rate schedule over the steps.
+SCHEDULE_KEYS = ("num_epochs", "warmup_epochs", "lr", "lr_base_batch", "warmup_lr", "min_lr",
+                 "grad_accum_steps")
+
+
+def read_previous_config(workdir: str) -> dict:
+  """The config.json a previous run left in `workdir` ({} if none or unreadable)."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def check_data_order(workdir: str, config, num_examples: int, resuming: bool,
+                     write: bool) -> None:
+  """A step's batch is fixed by (seed, global batch, training examples): a run resumed
+  with another of these would continue on other batches, so it stops instead. Any number
+  of processes may resume a run: the batches do not depend on it."""
+  path = os.path.join(workdir, "data_order.json")
+  order = {"seed": config.seed, "batch_size": config.batch_size,
+           "train_examples": num_examples}
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    changed = [f"{key} {saved.get(key)} -> {value}" for key, value in order.items()
+               if saved.get(key) != value]
+    if changed:
+      raise ConfigError(
+          f"{workdir} was trained with another data order ({'; '.join(changed)}): resuming "
+          f"would not continue its batches. Use the run's config.seed and config.batch_size "
+          f"and the same training data, or a new --workdir")
+  elif write:
+    with open(path, "w") as f:
+      json.dump(order, f)
+
+
+class ConfigError(Exception):
+  """A mistake in the config, the command line or the workdir: one line for the user."""
+
+
+class LossNotFinite(Exception):
+  """The loss became NaN or infinite; nothing was saved after the last good checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+  """jax.distributed.initialize's arguments (None: detected, as on a TPU pod)."""
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+
+def check_workdir(workdir: str) -> None:
+  """Fail before any work if the workdir cannot be a writable directory."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file, not a directory")
+  existing = workdir
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir {workdir}: {existing} is not a writable directory")
+
+
+def validate(config, num_devices: int) -> None:
+  """Every config value checked, and the model built abstractly: a mistake is one
+  ConfigError naming the key, before any work."""
+  if config.model not in registry.list_models():
+    raise ConfigError(f"config.model={config.model!r} is not one of "
+                      f"{', '.join(registry.list_models())}")
+  if config.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.dtype={config.dtype!r}: use float32 or bfloat16")
+  for key in ("batch_size", "num_epochs", "grad_accum_steps", "log_every_steps",
+              "checkpoint_every_steps", "keep_checkpoints", "image_size", "num_classes"):
+    if config[key] <= 0:
+      raise ConfigError(f"config.{key}={config[key]} must be positive")
+  if config.batch_size % num_devices:
+    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
+                      f"{num_devices} devices")
+  for key in ("lr", "min_lr", "warmup_lr", "weight_decay", "grad_clip", "ema_decay",
+              "mixup", "cutmix", "label_smoothing", "warmup_epochs", "drop_path_rate"):
+    if not math.isfinite(config[key]):
+      raise ConfigError(f"config.{key}={config[key]} must be a finite number")
+    if config[key] < 0:
+      raise ConfigError(f"config.{key}={config[key]} must not be negative")
+  for key in ("hflip", "mixup_switch_prob", "random_erasing"):
+    if not 0 <= config[key] <= 1:
+      raise ConfigError(f"config.{key}={config[key]} is a probability: use a value in [0, 1]")
+  if config.randaugment:
+    try:
+      randaugment.RandAugmentSpec(config.randaugment)
+    except ValueError as err:
+      raise ConfigError(f"config.randaugment: {err}") from None
+  if config.ema_decay >= 1:
+    raise ConfigError(f"config.ema_decay={config.ema_decay} must be below 1")
+  if config.optimizer not in ("adamw", "lamb"):
+    raise ConfigError(f"config.optimizer={config.optimizer!r}: use adamw or lamb")
+  if not 0 <= config.head_dropout < 1:
+    raise ConfigError(f"config.head_dropout={config.head_dropout} must be in [0, 1)")
+  try:
+    model = registry.build_model(config.model, **steps.model_options(config))
+  except ValueError as err:
+    raise ConfigError(str(err)) from None
+  try:  # shapes only: nothing is computed
+    jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                   jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), "float32"))
+  except ValueError as err:
+    raise ConfigError(f"config.model={config.model} with config.model_overrides="
+                      f"{config.model_overrides.to_dict()} cannot be built: "
+                      f"{str(err).splitlines()[0]}") from None
+
+
+class MetricWriter:
+  """Console, TensorBoard and metrics.jsonl, from process 0 only."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if enabled:
+      self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    with self.tb.as_default():
+      for key, value in metrics.items():
+        tf.summary.scalar(key, float(value), step=int(step))
+    self.tb.flush()
+
+
+def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disable=too-many-locals,too-many-statements
+        verbose: bool = False) -> None:
+  """Train `config`'s model in `workdir`, resuming from its newest intact checkpoint.
+
+  Args:
+    config: an ml_collections config with every key of configs/default.py.
+    workdir: where checkpoints, logs, metrics and the final weights go.
+    cluster: join a multi-process run (jax.distributed) before anything else.
+    verbose: library log lines on the console too (they always go to train.log).
+
+  Raises:
+    ConfigError: a mistake in the config, the data or the workdir (nothing written).
+    LossNotFinite: the loss became NaN or infinite (nothing saved after it).
+  """
+  quiet_console(verbose)
+  pretrained.ignore_failed_read_reports()
+
+  if cluster is not None:
+    # CPU-only clusters (and the tests) need a collectives implementation; it is
+    # ignored on TPU and GPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=cluster.coordinator_address,
+                               num_processes=cluster.num_processes,
+                               process_id=cluster.process_id)
+  validate(config, jax.device_count())
+  process, processes = jax.process_index(), jax.process_count()
+  workdir = os.path.abspath(workdir)
+  check_workdir(workdir)
+
+  # Data. Process 0 prepares the dataset (if it must be) while the others wait.
+  try:
+    if process != 0:
+      multihost_utils.sync_global_devices("dataset prepared")
+    builder = pipeline.make_builder(config)
+    if process == 0 and processes > 1:
+      multihost_utils.sync_global_devices("dataset prepared")
+    train_source = pipeline.make_source(builder, config.train_split)
+    names = pipeline.class_names(builder)
+    names = names if names and len(names) == config.num_classes else None
+    eval_source = pipeline.make_source(builder, config.eval_split)
+  except pipeline.DataError as err:
+    raise ConfigError(str(err)) from None
+  # The workdir is made only once the data is known to be there: a mistake leaves nothing.
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as err:
+    raise ConfigError(f"--workdir {workdir}: {err.strerror}") from None
+  log_to_file(workdir)
+  writer = MetricWriter(workdir, process == 0)
+  previous_config = read_previous_config(workdir)
+  info = registry.model_info(config.model)
+  crop_pct = config.crop_pct if config.crop_pct > 0 else info.crop_pct
+  eval_data = preprocess.DataConfig(config.image_size, crop_pct, info.mean, info.std,
+                                    info.interpolation)
+  eval_local_batch = (config.eval_batch_size or config.batch_size) // processes
+  steps_per_epoch = pipeline.steps_per_epoch(train_source, config.batch_size)
+  if steps_per_epoch == 0:
+    raise ConfigError(f"config.batch_size={config.batch_size} exceeds the "
+                      f"{train_source.num_examples} training examples")
+  total_steps = config.num_epochs * steps_per_epoch
+  updates_per_epoch = max(steps_per_epoch // config.grad_accum_steps, 1)
+
+  # Model, optimizer, state: every sharding comes from `partitioning`.
+  partitioning = mesh.Partitioning.create(config.mesh_model)
+  options = steps.model_options(config)
+  model = registry.build_model(config.model, dtype=jnp.dtype(config.dtype), **options)
+  schedule = steps.learning_rate_schedule(config, updates_per_epoch)
+  optimizer = steps.make_optimizer(config, schedule)
+  size = config.image_size
+
+  def fresh_state(rng):
+    params_rng, state_rng = jax.random.split(rng)
+    params = model.init(params_rng, jnp.zeros((1, size, size, 3)))["params"]
+    return steps.init_state(model, optimizer, params, config, state_rng)
+
+  abstract = jax.eval_shape(fresh_state, jax.random.PRNGKey(config.seed))
+  state_sharding = partitioning.state(abstract)
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+                                           enable_async_checkpointing=True))
+  best_manager = ocp.CheckpointManager(
+      os.path.join(workdir, "best"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["eval/top1"],
+                                           best_mode="max"))
+  latest = manager.latest_step()
+  check_data_order(workdir, config, train_source.num_examples, latest is not None,
+                   process == 0)
+  if process == 0:  # after the checks: a refused resume keeps the run's own config
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  if latest is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sharding)
+    try:
+      state, latest = checkpoints.restore_newest_good(
+          manager, lambda step: manager.restore(step, args=ocp.args.StandardRestore(target)),
+          process == 0, lambda line: process == 0 and print(line, flush=True))
+    except checkpoints.NoGoodCheckpoint as err:
+      raise ConfigError(str(err)) from None
+    logging.info("resumed from step %d", latest)
+    print(f"resumed from {manager.directory} at step {latest}", flush=True)
+    changed = [f"{key} {previous_config[key]} -> {config[key]}" for key in SCHEDULE_KEYS
+               if key in previous_config and previous_config[key] != config[key]]
+    if changed and process == 0:
+      print(f"note: the learning-rate schedule differs from the run's before: "
+            f"{'; '.join(changed)}; it continues from step {latest} on the new schedule",
+            flush=True)
+  else:
+    state = jax.jit(fresh_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+    if config.init_from:
+      try:
+        _, stored = pretrained.load_pretrained(config.init_from)
+      except pretrained.CheckpointError as err:
+        raise ConfigError(f"config.init_from: {err}") from None
+      params, report = pretrained.merge_pretrained(jax.device_get(state.params),
+                                                   stored["params"])
+      print(f"initialised from {config.init_from}; {report}", flush=True)
+      params = jax.device_put(params, state_sharding.params)
+      state = state.replace(params=params, opt_state=jax.jit(
+          optimizer.init, out_shardings=state_sharding.opt_state)(params),
+                            ema_params=(jax.tree.map(jnp.copy, params)  # its own buffers
+                                        if config.ema_decay > 0 else None))
+
+  train_fn = jax.jit(
+      lambda s, b: steps.train_step(s, b, model=model, optimizer=optimizer, config=config,
+                                      mean=info.mean, std=info.std),
+      in_shardings=(state_sharding, partitioning.batch),
+      out_shardings=(state_sharding, partitioning.replicated), donate_argnums=(0,))
+  eval_fn = jax.jit(lambda p, b: steps.eval_step(p, b, model=model),
+                    out_shardings=partitioning.replicated)
+
+  def evaluate(state) -> dict:
+    params = state.ema_params if state.ema_params is not None else state.params
+    totals = {"top1": 0.0, "top5": 0.0, "count": 0.0}
+    for local, _ in pipeline.eval_batches(eval_source, eval_data, eval_local_batch, process,
+                                      processes, config.prefetch):
+      result = jax.device_get(eval_fn(params, mesh.global_batch(partitioning, local)))
+      for key in totals:
+        totals[key] += float(result[key])
+    if int(totals["count"]) != eval_source.num_examples:
+      raise RuntimeError(f"evaluated {totals['count']} of {eval_source.num_examples} examples")
+    return {"eval/top1": totals["top1"] / totals["count"],
+            "eval/top5": totals["top5"] / totals["count"]}
+
+  def save(step: int, state) -> None:
+    checkpoints.record_checksums(manager, step, state, process == 0)
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  stop = {"signal": None}
+
+  def on_sigterm(signum, frame):
+    del frame
+    stop["signal"] = signum
+
+  signal.signal(signal.SIGTERM, on_sigterm)
+
+  step = int(jax.device_get(state.step))
+  batches = pipeline.train_batches(train_source, config, config.batch_size, step, process,
+                               processes)
+  print(f"training {config.model} on {config.dataset if not config.folder else config.folder}: "
+        f"{train_source.num_examples} images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+        f"global batch {config.batch_size} on {jax.device_count()} devices", flush=True)
+  window_start, window_steps = time.perf_counter(), 0
+  run_start, run_start_step = time.perf_counter(), step
+  while step < total_steps:
+    state, metrics = train_fn(state, mesh.global_batch(partitioning, next(batches)))
+    step += 1
+    window_steps += 1
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+      manager.wait_until_finished()
+      raise LossNotFinite(
+          f"the loss became {loss} at step {step}; stopping without saving. The last good "
+          f"checkpoint ({manager.latest_step()}) is in {manager.directory}: lower config.lr "
+          f"or set config.grad_clip, then restart.")
+    if step % config.log_every_steps == 0 or step == total_steps:
+      elapsed = time.perf_counter() - window_start
+      rate = window_steps * config.batch_size / elapsed
+      remaining = (total_steps - step) * (time.perf_counter() - run_start) / (step - run_start_step)
+      lr = float(schedule(max(step // config.grad_accum_steps - 1, 0)))
+      print(f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.3g}  {rate:.1f} img/s  "
+            f"ETA {remaining / 60:.1f} min", flush=True)
+      writer.write(step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": rate,
+                          "train/grad_norm": float(metrics["grad_norm"])})
+      window_start, window_steps = time.perf_counter(), 0
+    epoch_end = step % steps_per_epoch == 0
+    epoch = step // steps_per_epoch
+    if (epoch_end and epoch % config.eval_every_epochs == 0) or step == total_steps:
+      results = evaluate(state)
+      print(f"step {step} (epoch {epoch}): eval top-1 {results['eval/top1']:.4f}  "
+            f"top-5 {results['eval/top5']:.4f}", flush=True)
+      writer.write(step, results)
+      best_manager.save(step, args=ocp.args.StandardSave(state.params), metrics=results)
+    scheduled = step % config.checkpoint_every_steps == 0 or step == total_steps
+    if scheduled:
+      save(step, state)
+    if stop["signal"] is not None:
+      if not scheduled:  # a signal right after a scheduled save: that save is the one
+        save(step, state)
+      manager.wait_until_finished()
+      print(f"received signal {stop['signal']}: saved step {step}, exiting", flush=True)
+      manager.close()
+      best_manager.close()
+      return
+  manager.wait_until_finished()
+  best_manager.wait_until_finished()
+  final = os.path.join(workdir, "final")
+  params = state.ema_params if state.ema_params is not None else state.params
+  params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+  pretrained.save_pretrained(final, config.model, params, steps.described_options(options),
+                             extra={"source": "train.py", "step": step,
+                                    "data": dataclasses.asdict(eval_data),
+                                    "class_names": names}, overwrite=True)
+  print(f"done: weights in {final}", flush=True)
+  manager.close()
+  best_manager.close()
