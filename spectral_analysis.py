@@ -5,7 +5,7 @@
       --label "SPANet-S" --label "untrained" --sample-images --out spectra.png
 
 For every block: the relative log amplitude of its output's 2-D Fourier transform
-along the centred half-diagonal (SPEC section 3), averaged over the images and
+along the centred half-diagonal (docs/architecture.md, The paper's spectral analysis), averaged over the images and
 channels. The figure has one panel of curves per model (colour = depth) and one of the
 highest-frequency value against normalised depth for all models; the numbers go to a
 CSV beside the figure (one row per block). --checkpoint takes converted checkpoints,

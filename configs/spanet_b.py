@@ -1,4 +1,4 @@
-"""SPANet-B on ImageNet-1k with the official recipe (shared/SPEC.md)."""
+"""SPANet-B on ImageNet-1k with the official recipe (docs/architecture.md, Training recipe)."""
 
 from configs import default
 

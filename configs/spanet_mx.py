@@ -1,4 +1,4 @@
-"""SPANet-MX on ImageNet-1k with the official recipe (shared/SPEC.md).
+"""SPANet-MX on ImageNet-1k with the official recipe (docs/architecture.md, Training recipe).
 
 The paper gives no drop-path rate for this variant; ours continues S, M, B's trend."""
 

@@ -1,4 +1,4 @@
-"""SPANet-S on ImageNet-1k with the official recipe (shared/SPEC.md)."""
+"""SPANet-S on ImageNet-1k with the official recipe (docs/architecture.md, Training recipe)."""
 
 from configs import default
 

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny SPANet and SPANetV2 models, registered for the test session
 only, and their PyTorch reference twins."""
 
+import dataclasses
 import os
 
 # Tests compile many small programs on 2 CPU cores: LLVM's expensive passes cost more
@@ -35,6 +36,31 @@ def tiny_models():
   """The tiny models in the registry while the tests run (and only then)."""
   with registry.registered(*TINY_INFOS):
     yield
+
+
+def one_block_per_stage(name: str) -> registry.ModelInfo:
+  """A registered variant's widths, mixers and metadata with one block per stage: what a
+  variant's width changes (channel chunks, heads, groups) at a small fraction of the
+  compile time of its full depth (the blocks of a stage are alike)."""
+  info = registry.model_info(name)
+  return dataclasses.replace(info, name=f"{name}_one_block_per_stage",
+                             architecture=dict(info.architecture, layers=(1, 1, 1, 1)))
+
+
+def assert_full_size_conversion(name: str, reference) -> None:
+  """The full-size official-layout state_dict of `name` converts to exactly the
+  parameter tree (paths and shapes) of the Flax model (abstract: nothing compiled)."""
+  import jax
+  import jax.numpy as jnp
+  import spanet_jax
+  from spanet_jax import convert
+  got_name, overrides, params = convert.torch_to_flax(state_dict_numpy(reference))
+  assert got_name == name
+  model = spanet_jax.create_model(name, **overrides)
+  want = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                        jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))["params"]
+  assert jax.tree.structure(params) == jax.tree.structure(want)
+  assert [p.shape for p in jax.tree.leaves(params)] == [w.shape for w in jax.tree.leaves(want)]
 
 
 def tiny_v2_reference(kind: str = "hybrid", seed: int = 0):

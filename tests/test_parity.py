@@ -13,7 +13,8 @@ import spanet_jax
 from spanet_jax import convert
 from spanet_jax.models import registry
 from spanet_jax.reference import spanet_torch, verify
-from conftest import TINY, assert_gradients_match_autograd, state_dict_numpy, tiny_reference
+from conftest import (assert_full_size_conversion, assert_gradients_match_autograd,
+                      one_block_per_stage, state_dict_numpy, tiny_reference)
 
 
 def converted(reference):
@@ -56,19 +57,29 @@ def test_tiny_dense_prediction_backbone(rng):
   assert_parity(expected, actual)
 
 
+FULL_SIZE = "spanet_s"  # every block of a published depth, against the reference
+
+
 @pytest.mark.parametrize("name", ["spanet_s", "spanet_m", "spanet_mx", "spanet_b", "spanet_bx"])
 def test_every_variant_at_224_and_256(name, rng):
+  """spanet_s at full size; every other variant's full-size weights convert to exactly
+  its Flax parameter tree, and its widths run against the reference with one block per
+  stage (depth repeats identical blocks: spanet_s's 24 cover it)."""
   torch.manual_seed(0)
-  reference = spanet_torch.randomize_(
-      spanet_torch.SPANet(**registry.model_info(name).architecture)).eval()
-  model, variables = converted(reference)
-  for size in (224, 256):
-    x = rng.standard_normal((2, size, size, 3)).astype(np.float32)
-    assert_parity(*run_both(reference, model, variables, x), size=size)
+  info = registry.model_info(name)
+  if name != FULL_SIZE:
+    assert_full_size_conversion(name, spanet_torch.SPANet(**info.architecture))
+    info = one_block_per_stage(name)
+  with registry.registered(info):
+    reference = spanet_torch.randomize_(spanet_torch.SPANet(**info.architecture)).eval()
+    model, variables = converted(reference)
+    for size in (224, 256):
+      x = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+      assert_parity(*run_both(reference, model, variables, x), size=size)
 
 
 def test_official_quirk_odd_feature_size_from_even_trained_mask(rng):
-  """SPEC: the official module pads its even-sized stored mask off-centre when the feature
+  """docs/architecture.md: the official module pads its even-sized stored mask off-centre when the feature
   size is odd; we compute the mask at the actual size, so there (and only there) we differ."""
   reference = tiny_reference()
   model, variables = converted(reference)

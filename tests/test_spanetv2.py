@@ -18,8 +18,8 @@ from spanet_jax.models import layers, registry, spectral
 from spanet_jax.reference import spanet_torch, spanetv2_torch
 from spanet_jax.reference.verify import REL_L2_TOLERANCE, compare_outputs
 from spanet_jax.ops import attention, grouped
-from conftest import (TINY_V2, assert_gradients_match_autograd, run_main, state_dict_numpy,
-                      tiny_v2_reference)
+from conftest import (TINY_V2, assert_full_size_conversion, assert_gradients_match_autograd,
+                      one_block_per_stage, run_main, state_dict_numpy, tiny_v2_reference)
 
 V2_MODELS = [f"spanetv2_{size}_{kind}" for size in ("s18", "s36", "m36", "b36")
              for kind in ("pure", "hybrid")]
@@ -227,17 +227,26 @@ def test_grouped_projection_layout_matters(rng):
   assert compare_outputs(expected, wrong, "random", 64).rel_l2 > 100 * REL_L2_TOLERANCE
 
 
-@pytest.mark.slow
+FULL_SIZE = "spanetv2_s18_hybrid"  # both mixer kinds at a published depth
+
+
 @pytest.mark.parametrize("name", V2_MODELS)
 def test_every_variant_at_224_and_256(name, rng):
+  """spanetv2_s18_hybrid at full size; every other variant's full-size weights convert
+  to exactly its Flax parameter tree, and its widths and mixers run against the
+  reference with one block per stage (depth repeats identical blocks)."""
   torch.manual_seed(0)
-  reference = spanet_torch.randomize_(
-      spanetv2_torch.SPANetV2(**registry.model_info(name).architecture)).eval()
-  model, variables = converted(reference)
-  assert model.token_mixers == registry.model_info(name).architecture["token_mixers"]
-  for size in (224, 256):
-    x = rng.standard_normal((1, size, size, 3)).astype(np.float32)
-    assert_parity(*outputs(reference, model, variables, x), size=size)
+  info = registry.model_info(name)
+  if name != FULL_SIZE:
+    assert_full_size_conversion(name, spanetv2_torch.SPANetV2(**info.architecture))
+    info = one_block_per_stage(name)
+  with registry.registered(info):
+    reference = spanet_torch.randomize_(spanetv2_torch.SPANetV2(**info.architecture)).eval()
+    model, variables = converted(reference)
+    assert model.token_mixers == info.architecture["token_mixers"]
+    for size in (224, 256):
+      x = rng.standard_normal((1, size, size, 3)).astype(np.float32)
+      assert_parity(*outputs(reference, model, variables, x), size=size)
 
 
 def test_converter_cli_verifies_and_rejects_a_mismatch(tmp_path):

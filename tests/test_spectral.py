@@ -10,7 +10,7 @@ from spanet_jax.models import spectral
 
 
 def official_recipe_mask(size, radius, lamb):
-  """The mask built as SPEC describes, in torch, independently of spectral.py."""
+  """The mask built as docs/architecture.md describes, in torch, independently of spectral.py."""
   rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
   distance = torch.sqrt(((rows - size // 2) ** 2 + (cols - size // 2) ** 2).float())
   lamb = torch.tensor(lamb, dtype=torch.float32)

@@ -376,7 +376,7 @@ def test_evaluate_over_8_devices_matches_1_device(tmp_path, official, photo_fold
 
 
 def reference_relative_log_amplitude(feature):
-  """SPEC section 3 written out directly in NumPy for one (B, H, W, C) feature map."""
+  """docs/architecture.md's spectral analysis written out directly in NumPy for one (B, H, W, C) feature map."""
   amplitude = np.log(np.abs(np.fft.fft2(np.asarray(feature, np.float64), axes=(1, 2))) + 1e-6)
   centred = np.fft.fftshift(amplitude.mean(axis=(0, 3)))
   h = centred.shape[0]

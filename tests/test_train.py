@@ -217,29 +217,47 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.batch_size=0", "config.batch_size=0 must be positive"),
-    ("--config.dtype=float16", "use float32 or bfloat16"),
-    ("--config.model=spanet_xl", "not one of"),
-    ("--config.dataset=no_such_dataset_xyz", "TFDS has no dataset 'no_such_dataset_xyz'"),
-    ("--config.folder=/nonexistent/imagenet", "no such folder: /nonexistent/imagenet"),
-    ("--config.randaugment=rand-m9", "config.randaugment: randaugment spec 'rand-m9': only"),
-    ("--config.random_erasing=1.5", "config.random_erasing=1.5 is a probability"),
-    ("--config.head_dropout=0.2", "config.head_dropout: spanet_s has no MLP head"),
-    ("--config.optimizer=sgd", "config.optimizer='sgd': use adamw or lamb"),
-    ("--config.head_dropout=1.5", "config.head_dropout=1.5 must be in [0, 1)"),
-    ("--config.model=spanetv2_s18_hybrid",  # demo widths (32, 48, 64, 96): 48 % 32 != 0
+    ("batch_size=0", "config.batch_size=0 must be positive"),
+    ("dtype='float16'", "use float32 or bfloat16"),
+    ("model='spanet_xl'", "not one of"),
+    ("dataset='no_such_dataset_xyz'", "TFDS has no dataset 'no_such_dataset_xyz'"),
+    ("folder='/nonexistent/imagenet'", "no such folder: /nonexistent/imagenet"),
+    ("randaugment='rand-m9'", "config.randaugment: randaugment spec 'rand-m9': only"),
+    ("random_erasing=1.5", "config.random_erasing=1.5 is a probability"),
+    ("head_dropout=0.2", "config.head_dropout: spanet_s has no MLP head"),
+    ("optimizer='sgd'", "config.optimizer='sgd': use adamw or lamb"),
+    ("head_dropout=1.5", "config.head_dropout=1.5 must be in [0, 1)"),
+    ("model='spanetv2_s18_hybrid'",  # the tests' widths (8, 16, 24, 32): 24 % 32 != 0
      "cannot be built: MixAttention needs channels divisible by 32"),
-    ("--config.lr=nan", "config.lr=nan must be a finite number"),
+    ("lr=float('nan')", "config.lr=nan must be a finite number"),
+])
+def test_bad_config_values_are_named(override, message, tmp_path, data_dir):
+  """Every value is checked before any work (in-process: the loop train.py runs)."""
+  from configs import demo
+  from spanet_jax.train import loop
+  config = demo.get_config()
+  config.data_dir, config.model_overrides.dims = data_dir, (8, 16, 24, 32)  # as FAST
+  key, value = override.split("=", 1)
+  config[key] = eval(value)  # pylint: disable=eval-used  # the test's own literals
+  with pytest.raises(loop.ConfigError) as raised:
+    loop.run(config, str(tmp_path / "bad"))
+  text = str(raised.value)
+  assert message in text and "\n" not in text and "\\n" not in text
+  assert not (tmp_path / "bad").exists()  # a mistake leaves no workdir behind
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.lr=nan", "error: config.lr=nan must be a finite number"),
     ("--config.num_epochs=abc", "invalid literal for int() with base 10: 'abc')"),
     ("--config.learning_rate=0.1", "bad flag or config override (learning_rate)"),
 ])
-def test_bad_config_values_are_named(override, message, tmp_path, data_dir):
+def test_bad_config_on_the_command_line_is_one_line(override, message, tmp_path, data_dir):
   result = run_train(tmp_path / "bad", override, data_dir=data_dir)
   assert result.returncode == 2, why(result.stderr)
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
   assert "Traceback" not in result.stderr and "\\n" not in errors[0]
-  assert not (tmp_path / "bad").exists()  # a mistake leaves no workdir behind
+  assert not (tmp_path / "bad").exists()
 
 
 def test_bad_paths_are_one_line_and_leave_nothing(tmp_path, data_dir):

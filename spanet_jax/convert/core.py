@@ -146,10 +146,21 @@ def _list(keys, limit: int = 8) -> str:
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], model_name: str | None = None,
                   learnable_masks: bool = False) -> tuple[str, dict[str, Any], dict]:
-  """Convert an official-layout state_dict.
+  """Convert an official-layout state_dict to Flax params.
 
-  Returns (model name, create_model overrides, Flax params). Raises ConversionError
-  naming the missing, unexpected or mis-shaped keys and the variant the file looks like.
+  Args:
+    state_dict: official key -> array (numpy or torch), as `load_state_dict_file` reads.
+    model_name: the registered model to convert to; default the one whose
+      architecture the state_dict has.
+    learnable_masks: keep SPANet's stored masks as parameters (for trained masks);
+      otherwise they are checked against the mask formula and not stored.
+
+  Returns:
+    (model name, create_model overrides, Flax params as nested dicts of numpy arrays).
+
+  Raises:
+    ConversionError: missing, unexpected or mis-shaped keys, non-finite values or a
+      mask that is not the formula's, naming them and the variant the file looks like.
   """
   arch = infer_architecture(state_dict)
   if model_name is None:
@@ -235,7 +246,17 @@ def _param_shapes(model) -> dict:
 
 def flax_to_torch(params: Mapping, model_name: str, overrides: Mapping[str, Any]
                   ) -> dict[str, np.ndarray]:
-  """Flax params -> an official-layout state_dict (numpy arrays, official key order)."""
+  """Flax params to an official-layout state_dict.
+
+  Args:
+    params: the Flax params of `model_name` built with `overrides`.
+    model_name: a registered model name.
+    overrides: the create_model options the params were made with.
+
+  Returns:
+    official key -> float32 numpy array, in the official key order (fixed SPANet masks
+    written from the formula, as the official model stores them).
+  """
   model = registry.build_model(model_name, **overrides)
   state_dict = {}
   for entry in key_map(model_name, model):
@@ -269,7 +290,18 @@ def _get(tree: Mapping, path: tuple[str, ...]):
 
 
 def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
-  """Read a .pth safely (weights_only) and unwrap its container."""
+  """Read a .pth safely (torch's weights_only reader: no code in the file runs).
+
+  Args:
+    path: a .pth file: a bare state_dict or one under state_dict / model /
+      state_dict_ema, keys possibly prefixed by module. or backbone.
+
+  Returns:
+    official key -> numpy array.
+
+  Raises:
+    ConversionError: no such file, or bytes that are not a checkpoint of tensors.
+  """
   import pickle  # pylint: disable=g-import-not-at-top
   import zipfile  # pylint: disable=g-import-not-at-top
 
@@ -297,7 +329,12 @@ def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
 
 
 def save_state_dict_file(state_dict: Mapping[str, np.ndarray], path: str) -> None:
-  """Write a .pth atomically (temporary file, then rename)."""
+  """Write a .pth atomically (a temporary sibling renamed into place).
+
+  Args:
+    state_dict: official key -> numpy array.
+    path: the file to write; a failed write leaves nothing at it.
+  """
   import torch  # pylint: disable=g-import-not-at-top
 
   tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}

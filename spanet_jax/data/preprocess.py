@@ -1,4 +1,4 @@
-"""Evaluation preprocessing (SPEC): resize the shorter side to floor(size / crop_pct)
+"""Evaluation preprocessing (docs/architecture.md): resize the shorter side to floor(size / crop_pct)
 with bicubic interpolation, centre crop, scale to [0, 1], normalise. NHWC float32.
 
 It reproduces timm's eval transform (PIL resize, torchvision's crop arithmetic), so

@@ -41,6 +41,18 @@ def save_pretrained(directory: str, model_name: str, params: Mapping,
 
   With several JAX processes every process must call it (Orbax writes collectively);
   process 0 writes the metadata and moves the result into place.
+
+  Args:
+    directory: the pretrained directory to create.
+    model_name: the registered model the params belong to.
+    params: the Flax params (any arrays: jax, numpy).
+    overrides: create_model options that rebuild the model (num_classes, ...).
+    extra: more metadata for spanet.json (class_names, data, source, ...).
+    overwrite: replace an existing directory (its old copy is removed only once the
+      new one is in place).
+
+  Raises:
+    CheckpointError: `directory` exists and `overwrite` is not set.
   """
   info = registry.model_info(model_name)  # fails early on an unknown name
   directory = os.path.abspath(directory)
@@ -291,7 +303,9 @@ def ignore_failed_read_reports() -> None:
   """Drop the reports Orbax and TensorStore leave behind a failed checkpoint read (one
   per array still in flight: "Event loop is closed" from their threads, the same read
   error again from abandoned coroutines). The failure itself is reported, as one line,
-  by whoever caught it; every other report passes through."""
+  by whoever caught it; every other report passes through. Installed once per process."""
+  if getattr(sys.excepthook, "ignores_failed_read_reports", False):
+    return
   previous_except, previous_thread = sys.excepthook, threading.excepthook
   previous_unraisable = sys.unraisablehook
 
@@ -311,6 +325,7 @@ def ignore_failed_read_reports() -> None:
     if not aftermath(report.exc_value):
       previous_unraisable(report)
 
+  except_hook.ignores_failed_read_reports = True
   sys.excepthook, threading.excepthook = except_hook, thread_hook
   sys.unraisablehook = unraisable_hook
 

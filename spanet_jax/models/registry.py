@@ -36,31 +36,16 @@ class ModelInfo:
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {"spanet": spanet.SPANet,
                                                   "spanetv2": spanetv2.SPANetV2}
-_MODELS: dict[str, ModelInfo] = {}
-
-
-def register(info: ModelInfo) -> ModelInfo:
-  _MODELS[info.name] = info
-  return info
-
-
-def _spanet(name, layers, dims, top1, params_m, macs_g, crop_pct, drop_path, release):
-  register(ModelInfo(
-      name=name, family="spanet", architecture=dict(layers=layers, dims=dims),
-      crop_pct=crop_pct, paper_top1=top1, paper_params_m=params_m, paper_macs_g=macs_g,
-      train_drop_path=drop_path, release_file=release))
-
-
 _SMALL_DIMS = (64, 128, 320, 512)
 _BASE_DIMS = (96, 192, 384, 768)
-_spanet("spanet_s", (4, 4, 12, 4), _SMALL_DIMS, 83.1, 28.7, 4.6, 0.9, 0.1, "spanet-small.pth")
-_spanet("spanet_m", (6, 6, 18, 6), _SMALL_DIMS, 83.5, 41.8, 6.8, 0.9, 0.2, "spanet-medium.pth")
-_spanet("spanet_mx", (8, 8, 24, 8), _SMALL_DIMS, 83.8, 54.9, 9.0, 0.9, None,
-        "spanet-mediumX.pth")
-_spanet("spanet_b", (6, 6, 18, 6), _BASE_DIMS, 84.0, 75.9, 12.0, 0.95, 0.3, "spanet-base.pth")
-_spanet("spanet_bx", (8, 8, 24, 8), _BASE_DIMS, 84.4, 99.8, 15.8, 0.95, None,
-        "spanet-baseX.pth")
-
+# name: (layers, dims, top-1, params M, MACs G, crop_pct, drop path, official release file)
+_SPANET_FACTS = {
+    "spanet_s": ((4, 4, 12, 4), _SMALL_DIMS, 83.1, 28.7, 4.6, 0.9, 0.1, "spanet-small.pth"),
+    "spanet_m": ((6, 6, 18, 6), _SMALL_DIMS, 83.5, 41.8, 6.8, 0.9, 0.2, "spanet-medium.pth"),
+    "spanet_mx": ((8, 8, 24, 8), _SMALL_DIMS, 83.8, 54.9, 9.0, 0.9, None, "spanet-mediumX.pth"),
+    "spanet_b": ((6, 6, 18, 6), _BASE_DIMS, 84.0, 75.9, 12.0, 0.95, 0.3, "spanet-base.pth"),
+    "spanet_bx": ((8, 8, 24, 8), _BASE_DIMS, 84.4, 99.8, 15.8, 0.95, None, "spanet-baseX.pth"),
+}
 
 _V2_LAYERS = {"s18": (3, 3, 9, 3), "s36": (3, 12, 18, 3), "m36": (3, 12, 18, 3),
               "b36": (3, 12, 18, 3)}
@@ -76,13 +61,33 @@ _V2_FACTS = {
     ("m36", "pure"): (84.9, 61, 13.7, 0.4, 0.0), ("m36", "hybrid"): (85.3, 58, 13.6, 0.4, 0.4),
     ("b36", "pure"): (85.0, 100, 24.3, 0.6, 0.0), ("b36", "hybrid"): (85.6, 100, 23.9, 0.6, 0.5),
 }
-for (_size, _kind), (_top1, _params, _macs, _drop_path, _head_drop) in _V2_FACTS.items():
-  register(ModelInfo(
-      name=f"spanetv2_{_size}_{_kind}", family="spanetv2",
-      architecture=dict(layers=_V2_LAYERS[_size], dims=_V2_DIMS[_size],
-                        token_mixers=_V2_MIXERS[_kind]),
-      crop_pct=1.0, paper_top1=_top1, paper_params_m=_params, paper_macs_g=_macs,
-      train_drop_path=_drop_path, train_head_dropout=_head_drop))
+
+
+def _published_models() -> list[ModelInfo]:
+  spanet_models = [
+      ModelInfo(name=name, family="spanet", architecture=dict(layers=layers, dims=dims),
+                crop_pct=crop_pct, paper_top1=top1, paper_params_m=params_m,
+                paper_macs_g=macs_g, train_drop_path=drop_path, release_file=release)
+      for name, (layers, dims, top1, params_m, macs_g, crop_pct, drop_path, release)
+      in _SPANET_FACTS.items()]
+  spanetv2_models = [
+      ModelInfo(name=f"spanetv2_{size}_{kind}", family="spanetv2",
+                architecture=dict(layers=_V2_LAYERS[size], dims=_V2_DIMS[size],
+                                  token_mixers=_V2_MIXERS[kind]),
+                crop_pct=1.0, paper_top1=top1, paper_params_m=params_m, paper_macs_g=macs_g,
+                train_drop_path=drop_path, train_head_dropout=head_dropout)
+      for (size, kind), (top1, params_m, macs_g, drop_path, head_dropout)
+      in _V2_FACTS.items()]
+  return spanet_models + spanetv2_models
+
+
+_MODELS: dict[str, ModelInfo] = {info.name: info for info in _published_models()}
+
+
+def register(info: ModelInfo) -> ModelInfo:
+  """Add a model (or replace one of the same name) for every later lookup."""
+  _MODELS[info.name] = info
+  return info
 
 
 def list_models() -> list[str]:

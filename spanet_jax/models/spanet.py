@@ -1,4 +1,4 @@
-"""SPANet (ICCV 2023) in Flax, NHWC. Architecture facts: shared/SPEC.md section 1."""
+"""SPANet (ICCV 2023) in Flax, NHWC. Architecture facts: docs/architecture.md, SPANet."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPANetV2 (IEEE TPAMI 2026) in Flax, NHWC. Architecture facts: shared/SPEC.md section 2.
+"""SPANetV2 (IEEE TPAMI 2026) in Flax, NHWC. Architecture facts: docs/architecture.md, SPANetV2.
 
 Its token mixer, ExSPAM, filters four channel groups in the frequency domain with
 learned sigmoid masks; the hybrid variants use self-attention in the last two stages.

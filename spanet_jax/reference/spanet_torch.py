@@ -1,4 +1,4 @@
-"""A PyTorch reference of SPANet, written from shared/SPEC.md.
+"""A PyTorch reference of SPANet, written from docs/architecture.md.
 
 Its state_dict keys and shapes are those of the official checkpoints, so an official
 `.pth` loads into it with strict=True. It computes the spectral filter the official

@@ -1,4 +1,4 @@
-"""A PyTorch reference of SPANetV2, written from shared/SPEC.md section 2.
+"""A PyTorch reference of SPANetV2, written from docs/architecture.md, SPANetV2.
 
 State_dict keys and shapes are those of the official checkpoints (an official `.pth`
 loads with strict=True). Blocks work channels-last, as the official model does; the
@@ -20,7 +20,7 @@ from spanet_jax.reference.spanet_torch import DropPath
 
 
 class ChannelsLastLayerNorm(nn.Module):
-  """LayerNorm over the last axis; `bias=False` keeps only the weight (SPEC's norms)."""
+  """LayerNorm over the last axis; `bias=False` keeps only the weight (SPANetV2's norms)."""
 
   def __init__(self, channels: int, eps: float, bias: bool):
     super().__init__()

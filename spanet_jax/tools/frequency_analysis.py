@@ -1,4 +1,4 @@
-"""The paper's spectral analysis of a model's features (SPEC section 3).
+"""The paper's spectral analysis of a model's features (docs/architecture.md, The paper's spectral analysis).
 
 For the output of every block: the 2-D Fourier transform over H and W, its log
 amplitude (log(|F| + 1e-6), the guard only matters for exact zeros), centred, averaged

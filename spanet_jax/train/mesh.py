@@ -17,6 +17,16 @@ class Partitioning:
   The batch is split over every device. With a model axis of 1 the state is
   replicated; otherwise each parameter (and its optimizer moments) is split along
   its largest axis that the model axis divides, as in FSDP.
+
+  Build with `Partitioning.create(model_axis, devices)`:
+    model_axis: devices per model replica (1: plain data parallelism); it must divide
+      the device count.
+    devices: default every device of every process.
+
+  Attributes:
+    mesh: the (data, model) jax.sharding.Mesh.
+    batch: the sharding of batches (split over every device).
+    replicated: the sharding of values every device holds whole.
   """
   mesh: Mesh
 

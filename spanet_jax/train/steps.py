@@ -94,7 +94,20 @@ def init_state(model, optimizer, params, config, rng) -> TrainState:
 
 def train_step(state: TrainState, batch: dict, *, model, optimizer, config, mean, std):
   """One micro-step: normalisation (by the model's `mean` and `std`) and random erasing
-  of the uint8 images, mixup/cutmix, forward, cross-entropy, update. Pure."""
+  of the uint8 images, mixup/cutmix, forward, cross-entropy, update. Pure: jit it with
+  the static arguments bound (train/loop.py does).
+
+  Args:
+    state: the TrainState; its rng and step seed every random draw.
+    batch: {"image": uint8 (B, H, W, 3), "label": int32 (B,)}.
+    model: the Flax module.
+    optimizer: the optax transformation (steps.make_optimizer).
+    config: the training config (mixup, cutmix, label smoothing, EMA, ...).
+    mean, std: the model's input normalisation (0-1 scale).
+
+  Returns:
+    (the next TrainState, {"loss", "grad_norm"}).
+  """
   step_rng = jax.random.fold_in(state.rng, state.step)
   mix_rng, dropout_rng, erase_rng = jax.random.split(step_rng, 3)
   images = augment.normalize(batch["image"], mean, std)
