@@ -2,11 +2,22 @@
 only, and their PyTorch reference twins."""
 
 import dataclasses
+import getpass
 import os
+import tempfile
 
 # Tests compile many small programs on 2 CPU cores: LLVM's expensive passes cost more
 # time than they could ever save here (numerics are unaffected).
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# Many tests, and the train.py and tool processes they start, compile the same programs
+# (the same model at the same shapes through another jit): one compilation cache for the
+# whole run, inherited by every process it starts, compiles each program once. Cached
+# executables are the ones XLA would build again (the cache key is the program and
+# every compile option).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"spanet_jax_tests_{getpass.getuser()}", "compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np
 import pytest
