@@ -14,7 +14,7 @@ step's memory is measured in a fresh process per framework: its footprint (peak 
 while steps run after warm-up, minus the RSS before the model was built) and its
 growth above the level between steps.
 
-The PyTorch side is our reference (spanet_jax.torch_reference, torch_reference_v2)
+The PyTorch side is our reference (spanet_jax.reference.spanet_torch, spanetv2_torch)
 unless --official-file points at the official repository's spanet.py (or spanetv2.py
 for SPANetV2 models), which is then imported with small stand-ins for the timm helpers
 it uses (timm itself does not install beside torch 2.13).

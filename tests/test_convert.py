@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")  # the PyTorch references need it
 
 import convert_torch_weights
 import spanet_jax

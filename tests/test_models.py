@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")  # the PyTorch references need it
 from flax import linen as nn
 
 import spanet_jax

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+torch = pytest.importorskip("torch")  # the PyTorch references need it
+F = torch.nn.functional
 
 import convert_torch_weights
 import spanet_jax

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-import torch
+torch = pytest.importorskip("torch")  # the PyTorch references need it
 
 import convert_torch_weights
 import evaluate

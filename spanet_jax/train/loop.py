@@ -347,10 +347,15 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
     window_steps += 1
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
+      # Close the checkpoint managers here: their background threads still running at
+      # interpreter exit abort the process instead of letting it exit with status 1.
       manager.wait_until_finished()
+      last_good = manager.latest_step()
+      manager.close()
+      best_manager.close()
       raise LossNotFinite(
           f"the loss became {loss} at step {step}; stopping without saving. The last good "
-          f"checkpoint ({manager.latest_step()}) is in {manager.directory}: lower config.lr "
+          f"checkpoint ({last_good}) is in {manager.directory}: lower config.lr "
           f"or set config.grad_clip, then restart.")
     if step % config.log_every_steps == 0 or step == total_steps:
       elapsed = time.perf_counter() - window_start
