@@ -4,6 +4,8 @@ and how the tensor is laid out in each framework."""
 from __future__ import annotations
 
 import dataclasses
+import re
+from typing import Iterable
 
 
 class ConversionError(Exception):
@@ -38,3 +40,15 @@ def weights(prefix: str, path: tuple[str, ...], kind: str, bias: bool = True,
   if bias:
     entries.append(Entry(f"{prefix}.bias", path + ("bias",), VECTOR))
   return entries
+
+
+def block_depths(keys: Iterable[str], block_key: re.Pattern) -> dict[int, int]:
+  """Blocks per stage container, read off keys that `block_key` matches as
+  (container index, block index): each container's highest block index plus one."""
+  depths: dict[int, int] = {}
+  for key in keys:
+    match = block_key.match(key)
+    if match:
+      index, block = int(match.group(1)), int(match.group(2))
+      depths[index] = max(depths.get(index, 0), block + 1)
+  return depths

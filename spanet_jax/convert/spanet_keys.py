@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from spanet_jax.convert.entries import (CONV, LINEAR, MASK, POINTWISE, VECTOR, ConversionError,
-                                       Entry, weights)
+                                       Entry, block_depths, weights)
 from spanet_jax.models import spectral
 
 FAMILY = "spanet"
@@ -82,12 +82,7 @@ _BLOCK_KEY = re.compile(r"^network\.(\d+)\.(\d+)\.")
 
 def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> Architecture:
   """Read layers, widths, head and mask sizes off a SPANet state_dict."""
-  depth_by_index: dict[int, int] = {}
-  for key in state_dict:
-    match = _BLOCK_KEY.match(key)
-    if match:
-      index, block = int(match.group(1)), int(match.group(2))
-      depth_by_index[index] = max(depth_by_index.get(index, 0), block + 1)
+  depth_by_index = block_depths(state_dict, _BLOCK_KEY)
   stage_indices = sorted(i for i in depth_by_index if i % 2 == 0)
   if stage_indices != [0, 2, 4, 6]:
     raise ConversionError("the file's network.* keys do not form four SPANet stages "

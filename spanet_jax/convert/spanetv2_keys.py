@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from spanet_jax.convert.entries import (AS_IS, CONV, GROUPED, LINEAR, POINTWISE, VECTOR,
-                                       ConversionError, Entry, weights)
+                                       ConversionError, Entry, block_depths, weights)
 
 FAMILY = "spanetv2"
 # A key only this family's files hold (the stem): how a file's family is told.
@@ -99,12 +99,7 @@ def key_map(arch: ArchitectureV2, res_scale_stages=(False, False, True, True)) -
 
 def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> ArchitectureV2:
   """Read layers, widths, token mixers, head and mask sizes off a SPANetV2 state_dict."""
-  depths: dict[int, int] = {}
-  for key in state_dict:
-    match = _BLOCK_KEY.match(key)
-    if match:
-      stage, block = int(match.group(1)), int(match.group(2))
-      depths[stage] = max(depths.get(stage, 0), block + 1)
+  depths = block_depths(state_dict, _BLOCK_KEY)
   if sorted(depths) != [0, 1, 2, 3]:
     raise ConversionError("the file's stages.* keys do not form four SPANetV2 stages "
                           f"(found stages {sorted(depths)})")
