@@ -2,13 +2,19 @@
 only, and their PyTorch reference twins."""
 
 import dataclasses
+import fcntl
 import getpass
 import os
+import shutil
 import tempfile
 
-# Tests compile many small programs on 2 CPU cores: LLVM's expensive passes cost more
-# time than they could ever save here (numerics are unaffected).
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# Tests compile many small programs on 2 CPU cores and run each a few times: compile
+# time is most of the run. LLVM's expensive passes, and XLA:CPU's MLIR fusion emitters
+# (its older elemental emitters compile about a third faster), cost more than they
+# could ever save here. Both flags change only how the machine code is produced; every
+# comparison in the tests is against PyTorch or against another of our own programs.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
 # Many tests, and the train.py and tool processes they start, compile the same programs
 # (the same model at the same shapes through another jit): one compilation cache for the
 # whole run, inherited by every process it starts, compiles each program once. Cached
@@ -159,3 +165,25 @@ def tiny_variables():
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
+
+
+def shared_across_workers(tmp_path_factory, name: str, make) -> str:
+  """A directory that `make(path)` fills once for the whole test run: the first pytest-xdist
+  worker to ask makes it while the others wait, then every worker gets the same path
+  (for results that cost a training run or a dataset build)."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # the run's directory, above each worker's own
+  path = base / f"shared_{name}"
+  with open(base / f"shared_{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not (base / f"shared_{name}.done").exists():
+        if path.exists():  # a worker failed half-way: start again
+          shutil.rmtree(path)
+        path.mkdir()
+        make(path)
+        (base / f"shared_{name}.done").touch()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return str(path)

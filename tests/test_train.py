@@ -3,6 +3,7 @@
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -18,6 +19,7 @@ import pytest
 from configs import default
 from spanet_jax.data import augment
 from spanet_jax.train import steps
+from conftest import shared_across_workers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A fast demo: tiny widths, two epochs of 22 steps, a checkpoint every 10 steps.
@@ -51,9 +53,30 @@ def metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
+def prepare_digits(path):
+  from spanet_jax.data import pipeline
+  config = default.get_config()
+  config.dataset, config.data_dir = "sklearn_digits", str(path)
+  pipeline.make_builder(config)
+
+
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
+  """sklearn_digits as a TFDS dataset, prepared once for the run (train.py reads it)."""
+  return shared_across_workers(tmp_path_factory, "tfds", prepare_digits)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, data_dir):
+  """(workdir, stdout, stderr) of a finished FAST run: 44 steps, state checkpoints kept at
+  steps 30, 40 and 44. Made once for the run; tests that change it work on a copy."""
+  def train(path):
+    result = run_train(path / "run", data_dir=data_dir)
+    assert result.returncode == 0, why(result.stderr)
+    (path / "stdout").write_text(result.stdout)
+    (path / "stderr").write_text(result.stderr)
+  path = pathlib.Path(shared_across_workers(tmp_path_factory, "finished_run", train))
+  return path / "run", (path / "stdout").read_text(), (path / "stderr").read_text()
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,80 +138,47 @@ def test_pretrained_merge_keeps_matching_tensors_and_reports_new_head():
   assert report.dropped == ("head/kernel", "norm/scale")
 
 
-def _sharded_step(devices, model_axis, path):
-  env = {**os.environ, "PYTHONPATH": REPO,
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  out = subprocess.run([sys.executable, "tests/helpers/sharded_step.py", str(devices),
-                        str(model_axis), str(path)], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
-  assert out.returncode == 0, why(out.stderr)
-  return json.loads(out.stdout.strip().splitlines()[-1]), dict(np.load(path))
-
-
 def test_eight_devices_and_fsdp_match_one_device(tmp_path):
   """Same global batch: loss and every gradient agree to float32 rounding: 1e-5 of the
   largest gradient, plus 1e-7 for reading gradients off an SGD step (params - new params
   rounds at the parameters' ulp)."""
-  one, grads_one = _sharded_step(1, 1, tmp_path / "one.npz")
-  eight, grads_eight = _sharded_step(8, 1, tmp_path / "eight.npz")
-  fsdp, grads_fsdp = _sharded_step(8, 2, tmp_path / "fsdp.npz")
-  assert any("model" in spec for spec in fsdp["param_specs"])  # parameters really sharded
-  for other, grads in ((eight, grads_eight), (fsdp, grads_fsdp)):
-    assert other["loss"] == pytest.approx(one["loss"], rel=1e-6)
+  env = {**os.environ, "PYTHONPATH": REPO,
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
+  out = subprocess.run([sys.executable, "tests/helpers/sharded_step.py", str(tmp_path), "1:1",
+                        "8:1", "8:2"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, why(out.stderr)
+  results = json.loads(out.stdout.strip().splitlines()[-1])
+  grads = {mesh: dict(np.load(tmp_path / f"{mesh.replace(':', '_')}.npz")) for mesh in results}
+  one, grads_one = results["1:1"], grads["1:1"]
+  assert any("model" in spec for spec in results["8:2"]["param_specs"])  # really sharded
+  for mesh in ("8:1", "8:2"):
+    assert results[mesh]["loss"] == pytest.approx(one["loss"], rel=1e-6)
     for key, value in grads_one.items():
       scale = max(np.abs(value).max(), 1e-12)
-      assert np.abs(grads[key] - value).max() < 1e-5 * scale + 1e-7, key
+      assert np.abs(grads[mesh][key] - value).max() < 1e-5 * scale + 1e-7, (mesh, key)
 
 
 # ---------------------------------------------------------------------------------------
 # train.py end to end on the demo dataset.
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, data_dir):
-  """SIGTERM after the first checkpoint, restart: the final weights are bit-identical."""
-  whole = run_train(tmp_path / "whole", data_dir=data_dir)
-  assert whole.returncode == 0, why(whole.stderr)
-  records = metrics(tmp_path / "whole")
-  evals = [r for r in records if "eval/top1" in r]
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, finished_run, data_dir):
+  """SIGTERM right after a scheduled checkpoint (one every step until then), restart with
+  the usual schedule: the final weights are bit-identical to the uninterrupted run's."""
+  whole, stdout, stderr = finished_run
+  evals = [r for r in metrics(whole) if "eval/top1" in r]
   assert [r["step"] for r in evals] == [22, 44]
   assert all(0.0 <= r["eval/top1"] <= 1.0 for r in evals)
-  assert os.path.isfile(tmp_path / "whole" / "config.json")
-  assert os.listdir(tmp_path / "whole" / "tensorboard")
+  assert os.path.isfile(whole / "config.json")
+  assert os.listdir(whole / "tensorboard")
   # A readable console: train.py's own lines; library INFO lines go to train.log.
-  console = (whole.stdout + whole.stderr).splitlines()
+  console = (stdout + stderr).splitlines()
   absl_format = [line for line in console if re.match(r"[IWEF]\d{4} ", line)]
   assert len(console) <= 30 and len(absl_format) <= 3, "\n".join(console)
-  assert "checkpoint" in (tmp_path / "whole" / "train.log").read_text().lower()
+  assert "checkpoint" in (whole / "train.log").read_text().lower()
 
   workdir = tmp_path / "resumed"
-  process = run_train(workdir, wait=False, data_dir=data_dir)
-  deadline = time.time() + 300
-  while not (workdir / "checkpoints" / "10").exists():
-    assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
-    time.sleep(0.2)
-  process.send_signal(signal.SIGTERM)
-  stdout, stderr = process.communicate(timeout=120)
-  assert process.returncode == 0, why(stderr)
-  assert "received signal 15" in stdout
-  stopped_at = max(int(d) for d in os.listdir(workdir / "checkpoints"))
-  assert 10 <= stopped_at < 44
-
-  again = run_train(workdir, data_dir=data_dir)
-  assert again.returncode == 0, why(again.stderr)
-  assert f"resumed from" in again.stdout and f"at step {stopped_at}" in again.stdout
-  first_logged = [r["step"] for r in metrics(workdir) if r["step"] > stopped_at][0]
-  assert first_logged > stopped_at > 0
-
-  import spanet_jax
-  _, a = spanet_jax.load_pretrained(str(tmp_path / "whole" / "final"))
-  _, b = spanet_jax.load_pretrained(str(workdir / "final"))
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def test_sigterm_right_after_a_scheduled_checkpoint_exits_cleanly(tmp_path, data_dir):
-  """With a checkpoint every step, the signal always lands on a step just saved."""
-  workdir = tmp_path / "every_step"
   process = run_train(workdir, "--config.checkpoint_every_steps=1", wait=False,
                       data_dir=data_dir)
   deadline = time.time() + 300
@@ -199,6 +189,20 @@ def test_sigterm_right_after_a_scheduled_checkpoint_exits_cleanly(tmp_path, data
   stdout, stderr = process.communicate(timeout=120)
   assert process.returncode == 0, why(stderr)
   assert "received signal 15" in stdout and "Traceback" not in stderr
+  stopped_at = max(int(d) for d in os.listdir(workdir / "checkpoints"))
+  assert 2 <= stopped_at < 44
+
+  again = run_train(workdir, data_dir=data_dir)
+  assert again.returncode == 0, why(again.stderr)
+  assert "resumed from" in again.stdout and f"at step {stopped_at}" in again.stdout
+  first_logged = [r["step"] for r in metrics(workdir) if r["step"] > stopped_at][0]
+  assert first_logged > stopped_at > 0
+
+  import spanet_jax
+  _, a = spanet_jax.load_pretrained(str(whole / "final"))
+  _, b = spanet_jax.load_pretrained(str(workdir / "final"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_nan_loss_stops_without_overwriting_the_checkpoint(tmp_path, data_dir):
@@ -286,9 +290,10 @@ def test_two_processes_through_jax_distributed(tmp_path, data_dir):
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   workdir = tmp_path / "multi"
+  one_epoch = [*FAST, "--config.num_epochs=1", "--config.log_every_steps=4"]
   processes = [run_train(workdir, "--distributed", f"--coordinator_address=localhost:{port}",
                          "--num_processes=2", f"--process_id={i}", wait=False,
-                         data_dir=data_dir) for i in range(2)]
+                         data_dir=data_dir, fast=one_epoch) for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in processes]
   codes = [p.returncode for p in processes]
   # One process failing takes the other down (the coordination service aborts it), so
@@ -306,32 +311,22 @@ def test_two_processes_through_jax_distributed(tmp_path, data_dir):
   # The two processes' state checkpoint restores here, on one device.
   import spanet_jax
   state = spanet_jax.restore_train_state(str(workdir))
-  assert int(state["step"]) == 44
+  assert int(state["step"]) == 22
   _, final = spanet_jax.load_pretrained(str(workdir / "final"))
   for restored, saved in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(final["params"])):
     np.testing.assert_array_equal(np.asarray(restored), np.asarray(saved))
 
   # One process resumes the two's run: the batches do not depend on the process count.
-  more = run_train(workdir, "--config.num_epochs=3", data_dir=data_dir)
+  more = run_train(workdir, data_dir=data_dir)
   assert more.returncode == 0, why(more.stderr)
-  assert "at step 44" in more.stdout and "step 66/66" in more.stdout
+  assert "at step 22" in more.stdout and "step 44/44" in more.stdout
   assert "note: checkpoint" not in more.stdout  # the checksums hold on another layout
-  assert "note: the learning-rate schedule differs from the run's before: num_epochs 2 -> 3" \
+  assert "note: the learning-rate schedule differs from the run's before: num_epochs 1 -> 2" \
       in more.stdout
 
 
-@pytest.fixture(scope="module")
-def one_epoch_run(tmp_path_factory, data_dir):
-  """A finished one-epoch run (state checkpoints at steps 10, 20 and 22): tests copy it."""
-  workdir = tmp_path_factory.mktemp("one_epoch") / "run"
-  first = run_train(workdir, "--config.num_epochs=1", data_dir=data_dir)
-  assert first.returncode == 0, why(first.stderr)
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20", "22"]
-  return workdir
-
-
-def copy_run(source, target):
-  shutil.copytree(source, target)
+def copy_run(finished_run, target):
+  shutil.copytree(finished_run[0], target)
   return target
 
 
@@ -340,19 +335,19 @@ def largest_data_file(workdir, step):
   return max(data.iterdir(), key=lambda path: path.stat().st_size)
 
 
-def test_resume_falls_back_past_damaged_checkpoints(tmp_path, one_epoch_run, data_dir):
+def test_resume_falls_back_past_damaged_checkpoints(tmp_path, finished_run, data_dir):
   """Flipped bytes fail the recorded checksum, a deleted or truncated data file fails the
   read: each is said in one line, the run resumes from the newest intact checkpoint and
   finishes, saving the damaged steps again. A stale final.old does not stop it."""
-  flipped = copy_run(one_epoch_run, tmp_path / "flipped")
-  path = largest_data_file(flipped, 22)
+  flipped = copy_run(finished_run, tmp_path / "flipped")
+  path = largest_data_file(flipped, 44)
   raw = bytearray(path.read_bytes())
   middle = len(raw) // 2
   raw[middle:middle + 64] = bytes(b ^ 0xFF for b in raw[middle:middle + 64])
   path.write_bytes(bytes(raw))
   from spanet_jax.models import pretrained
   from spanet_jax.train import checkpoints
-  with pytest.raises(pretrained.CheckpointError, match="checkpoint 22 .* fails its checksum"):
+  with pytest.raises(pretrained.CheckpointError, match="checkpoint 44 .* fails its checksum"):
     checkpoints.restore_train_state(str(flipped))
   with pytest.raises(pretrained.CheckpointError, match="no checkpoint for step 7: steps"):
     checkpoints.restore_train_state(str(flipped), step=7)
@@ -362,15 +357,15 @@ def test_resume_falls_back_past_damaged_checkpoints(tmp_path, one_epoch_run, dat
     checkpoints.restore_train_state(str(tmp_path))
   (flipped / "final.old").mkdir()  # left by an overwrite interrupted earlier
   (flipped / "final.old" / "params").write_text("stale")
-  broken = copy_run(one_epoch_run, tmp_path / "broken")
-  largest_data_file(broken, 22).unlink()
-  with open(largest_data_file(broken, 20), "r+b") as f:
+  broken = copy_run(finished_run, tmp_path / "broken")
+  largest_data_file(broken, 44).unlink()
+  with open(largest_data_file(broken, 40), "r+b") as f:
     f.truncate(100)
   for workdir, notes, resumed_at in [
-      (flipped, [r"checkpoint 22 .* fails its checksum \(first damaged array: \S+\)"], 20),
-      (broken, [r"checkpoint 22 .* cannot be restored", r"checkpoint 20 .* cannot be restored"],
-       10)]:
-    result = run_train(workdir, "--config.num_epochs=1", data_dir=data_dir)
+      (flipped, [r"checkpoint 44 .* fails its checksum \(first damaged array: \S+\)"], 40),
+      (broken, [r"checkpoint 44 .* cannot be restored", r"checkpoint 40 .* cannot be restored"],
+       30)]:
+    result = run_train(workdir, data_dir=data_dir)
     assert result.returncode == 0, why(result.stderr)
     console = (result.stdout + result.stderr).splitlines()
     said = [line for line in console if line.startswith("note: checkpoint")]
@@ -379,31 +374,30 @@ def test_resume_falls_back_past_damaged_checkpoints(tmp_path, one_epoch_run, dat
     assert f"at step {resumed_at}" in result.stdout
     assert "Traceback" not in result.stderr and len(console) <= 20, "\n".join(console)
     assert sorted(os.listdir(workdir / "damaged_checkpoints")) == sorted(
-        str(step) for step in (22, 20) if step > resumed_at)
-    assert "22" in os.listdir(workdir / "checkpoints")  # saved again
+        str(step) for step in (44, 40) if step > resumed_at)
+    assert "44" in os.listdir(workdir / "checkpoints")  # saved again
     assert os.path.isfile(workdir / "final" / "spanet.json")
     assert not (workdir / "final.old").exists()
 
 
-def test_resume_with_no_intact_checkpoint_stops_without_touching_them(tmp_path, one_epoch_run,
+def test_resume_with_no_intact_checkpoint_stops_without_touching_them(tmp_path, finished_run,
                                                                        data_dir):
-  workdir = copy_run(one_epoch_run, tmp_path / "ruined")
+  workdir = copy_run(finished_run, tmp_path / "ruined")
   shutil.rmtree(workdir / "final")
-  for step in (10, 20, 22):
+  for step in (30, 40, 44):
     largest_data_file(workdir, step).unlink()
-  result = run_train(workdir, "--config.num_epochs=2", data_dir=data_dir)
+  result = run_train(workdir, data_dir=data_dir)
   assert result.returncode == 2, why(result.stderr)
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "none of the checkpoints" in errors[0], result.stderr[-2000:]
   assert "Traceback" not in result.stderr
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20", "22"]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["30", "40", "44"]
   assert not (workdir / "damaged_checkpoints").exists() and not (workdir / "final").exists()
 
 
-def test_resume_with_another_data_order_stops_with_one_line(tmp_path, one_epoch_run, data_dir):
-  workdir = copy_run(one_epoch_run, tmp_path / "order")
-  again = run_train(workdir, "--config.num_epochs=2", "--config.batch_size=32",
-                    data_dir=data_dir)
+def test_resume_with_another_data_order_stops_with_one_line(tmp_path, finished_run, data_dir):
+  workdir = copy_run(finished_run, tmp_path / "order")
+  again = run_train(workdir, "--config.batch_size=32", data_dir=data_dir)
   assert again.returncode == 2
   errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "batch_size 64 -> 32" in errors[0], again.stderr[-2000:]
@@ -414,7 +408,7 @@ def test_options_and_init_from_a_checkpoint_with_another_head(tmp_path, data_dir
   """bfloat16, gradient accumulation, clipping, EMA, remat and init_from in one short run."""
   import spanet_jax
   model = spanet_jax.create_model("spanet_s", layers=(1, 1, 1, 1), dims=(8, 16, 24, 32))
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
   spanet_jax.save_pretrained(str(tmp_path / "pretrained"), "spanet_s", params,
                              {"layers": [1, 1, 1, 1], "dims": [8, 16, 24, 32]})
   result = run_train(tmp_path / "options", "--config.num_epochs=1", "--config.dtype=bfloat16",

@@ -1,10 +1,14 @@
-"""Run one train_step of a tiny SPANet on a mesh; print the loss, save the gradients.
+"""Run one train_step of a tiny SPANet on each of several meshes; print the losses, save
+the gradients.
 
 Used by tests/test_train.py in a subprocess with 8 virtual CPU devices:
-  python sharded_step.py DEVICES MODEL_AXIS GRADS.npz
+  python sharded_step.py OUT_DIR DEVICES:MODEL_AXIS [DEVICES:MODEL_AXIS ...]
+writes OUT_DIR/DEVICES_MODEL_AXIS.npz for each mesh and prints one JSON line
+{"DEVICES:MODEL_AXIS": {"loss": ..., "param_specs": [...]}, ...}.
 """
 
 import json
+import os
 import sys
 
 import jax
@@ -17,15 +21,12 @@ from configs import default
 from spanet_jax.train import mesh, steps
 
 
-def main(num_devices: int, model_axis: int, grads_path: str) -> None:
+def sharded_step(model, params, num_devices: int, model_axis: int, grads_path: str) -> dict:
   config = default.get_config()
   config.num_classes, config.image_size, config.batch_size = 10, 32, 16
   config.drop_path_rate = 0.0
-  model = spanet_jax.create_model("spanet_s", layers=(1, 1, 1, 1), dims=(8, 16, 24, 32),
-                                  num_classes=10)
   partitioning = mesh.Partitioning.create(model_axis, jax.devices()[:num_devices])
   optimizer = optax.sgd(1.0)  # so that params - new params = gradients
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
   state = steps.init_state(model, optimizer, params, config, jax.random.PRNGKey(1))
   sharding = partitioning.state(jax.eval_shape(lambda: state))
   state = jax.device_put(state, sharding)
@@ -44,8 +45,20 @@ def main(num_devices: int, model_axis: int, grads_path: str) -> None:
                        jax.device_get(new_state.params))
   flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(grads)}
   np.savez(grads_path, **flat)
-  print(json.dumps({"loss": float(metrics["loss"]), "param_specs": specs}))
+  return {"loss": float(metrics["loss"]), "param_specs": specs}
+
+
+def main(out_dir: str, meshes: list[str]) -> None:
+  model = spanet_jax.create_model("spanet_s", layers=(1, 1, 1, 1), dims=(8, 16, 24, 32),
+                                  num_classes=10)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  results = {}
+  for mesh_shape in meshes:
+    num_devices, model_axis = (int(n) for n in mesh_shape.split(":"))
+    results[mesh_shape] = sharded_step(model, params, num_devices, model_axis,
+                                       os.path.join(out_dir, f"{num_devices}_{model_axis}.npz"))
+  print(json.dumps(results))
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+  main(sys.argv[1], sys.argv[2:])
