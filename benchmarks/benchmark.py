@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -52,6 +53,9 @@ def parse_args(argv=None):
   parser.add_argument("--official-file", default=None,
                       help="the official spanet.py, to benchmark against it instead of our "
                            "PyTorch reference")
+  parser.add_argument("--layers", nargs=4, type=int, default=None, metavar="N",
+                      help="blocks per stage instead of the model's own (our PyTorch reference "
+                           "only): a quick run of the harness, not the model's figures")
   parser.add_argument("--jax-options", nargs="+", default=[], metavar="KEY=VALUE",
                       help="create_model options for the JAX side, e.g. spectral_impl=dft")
   parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
@@ -299,6 +303,8 @@ def benchmark_model(name: str, args) -> dict:
         command += ["--official-file", args.official_file]
       if args.jax_options:
         command += ["--jax-options", *args.jax_options]
+      if args.layers:
+        command += ["--layers", *map(str, args.layers)]
       probe = subprocess.run(command, capture_output=True, text=True, check=True)
       measured = json.loads(probe.stdout.strip().splitlines()[-1])
       result[f"{framework}_train_footprint_mib"] = measured["footprint_mib"]
@@ -320,42 +326,60 @@ def machine_description() -> str:
           f"({jax.default_backend()}: {jax.devices()[0].device_kind}), torch {torch.__version__}")
 
 
+def at_depth(names, layers):
+  """The models under their own names with `layers` blocks per stage (--layers), for the
+  duration of a block; the registry as it is without --layers."""
+  from spanet_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+  if not layers:
+    return contextlib.nullcontext()
+  return registry.registered(*(
+      dataclasses.replace(info, architecture=dict(info.architecture, layers=tuple(layers)))
+      for info in map(registry.model_info, names)))
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
+  if args.layers and args.official_file:
+    raise SystemExit("--layers builds our PyTorch reference; leave out --official-file")
   if args.malloc == "keep":  # before either framework starts a thread
     from spanet_jax.train import host_memory  # pylint: disable=g-import-not-at-top
     if not host_memory.keep_freed_memory():
       args.malloc = "default"
-  if args.memory_probe:
-    memory_probe(*args.memory_probe, args)
-    return
-  print(f"machine: {machine_description()}")
-  print(f"batch {args.batch}, {args.size}x{args.size}, float32, median of {args.repeats} "
-        f"after {args.warmup} warm-up, malloc: {args.malloc}\n")
-  header = (f"{'model':<10} {'torch':<9} {'mode':<8} {'jax img/s':>10} {'torch img/s':>12} "
-            f"{'ratio':>6} {'per round':>11} {'jax compile s':>14}  memory MiB, jax / torch: "
-            f"footprint, step growth")
-  print(header)
-  results = []
-  for name in args.models:
-    result = benchmark_model(name, args)
-    results.append(result)
-    for mode in args.modes:
-      memory = ""
-      if mode == "train" and "jax_train_footprint_mib" in result:
-        memory = (f"  {result['jax_train_footprint_mib']:.0f} / "
-                  f"{result['torch_train_footprint_mib']:.0f}, "
-                  f"{result['jax_train_step_growth_mib']:.0f} / "
-                  f"{result['torch_train_step_growth_mib']:.0f}")
-      low, high = result[f"{mode}_ratio_range"]
-      print(f"{name:<10} {result['torch_model']:<9} {mode:<8} "
-            f"{result[f'jax_{mode}_img_s']:>10.2f} {result[f'torch_{mode}_img_s']:>12.2f} "
-            f"{result[f'{mode}_ratio']:>6.2f} {f'{low:.2f}-{high:.2f}':>11} "
-            f"{result['jax_compile_s'][mode]:>14.1f}{memory}", flush=True)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"machine": machine_description(), "args": vars(args), "results": results},
-                f, indent=2)
+  names = [args.memory_probe[1]] if args.memory_probe else args.models
+  with at_depth(names, args.layers):
+    if args.memory_probe:
+      memory_probe(*args.memory_probe, args)
+      return
+    print(f"machine: {machine_description()}")
+    depth = (f", layers {' '.join(map(str, args.layers))} (not the models' own)"
+             if args.layers else "")
+    print(f"batch {args.batch}, {args.size}x{args.size}, float32, median of {args.repeats} "
+          f"after {args.warmup} warm-up, malloc: {args.malloc}{depth}\n")
+    header = (f"{'model':<10} {'torch':<9} {'mode':<8} {'jax img/s':>10} {'torch img/s':>12} "
+              f"{'ratio':>6} {'per round':>11} {'jax compile s':>14}  memory MiB, jax / torch: "
+              f"footprint, step growth")
+    print(header)
+    results = []
+    for name in args.models:
+      result = benchmark_model(name, args)
+      results.append(result)
+      for mode in args.modes:
+        memory = ""
+        if mode == "train" and "jax_train_footprint_mib" in result:
+          memory = (f"  {result['jax_train_footprint_mib']:.0f} / "
+                    f"{result['torch_train_footprint_mib']:.0f}, "
+                    f"{result['jax_train_step_growth_mib']:.0f} / "
+                    f"{result['torch_train_step_growth_mib']:.0f}")
+        low, high = result[f"{mode}_ratio_range"]
+        print(f"{name:<10} {result['torch_model']:<9} {mode:<8} "
+              f"{result[f'jax_{mode}_img_s']:>10.2f} {result[f'torch_{mode}_img_s']:>12.2f} "
+              f"{result[f'{mode}_ratio']:>6.2f} {f'{low:.2f}-{high:.2f}':>11} "
+              f"{result['jax_compile_s'][mode]:>14.1f}{memory}", flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump({"machine": machine_description(), "args": vars(args), "results": results},
+                  f, indent=2)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def test_new_head_and_learnable_masks_fine_tune_from_the_backbone(tiny_checkpoin
   directory, stored = tiny_checkpoint
   model, variables, report = spanet_jax.load_pretrained(
       directory, num_classes=10, learnable_masks=True, return_report=True)
-  logits = model.apply(variables, jnp.ones((2, 96, 96, 3)), train=False)  # masks resized
+  logits = jax.jit(model.apply)(variables, jnp.ones((2, 96, 96, 3)))  # masks resized
   assert logits.shape == (2, 10)
   assert {"head/kernel", "head/bias"} <= set(report.added)
   assert any("spectral_masks" in key for key in report.added)
@@ -50,8 +50,8 @@ def test_new_head_and_learnable_masks_fine_tune_from_the_backbone(tiny_checkpoin
   for key in kept:
     np.testing.assert_array_equal(loaded[key], stored[key])
   # Gradients reach the masks: they are parameters now.
-  grads = jax.grad(lambda p: model.apply({"params": p}, jnp.ones((1, 64, 64, 3)),
-                                         train=False).sum())(variables["params"])
+  grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, jnp.ones((1, 64, 64, 3)),
+                                                 train=False).sum()))(variables["params"])
   assert any("spectral_masks" in key and np.abs(value).sum() > 0
              for key, value in flat(grads).items())
 
@@ -59,7 +59,7 @@ def test_new_head_and_learnable_masks_fine_tune_from_the_backbone(tiny_checkpoin
 def test_features_only_gives_the_four_stage_maps(tiny_checkpoint):
   directory, _ = tiny_checkpoint
   model, variables = spanet_jax.create_model(TINY, pretrained=directory, features_only=True)
-  maps = model.apply(variables, jnp.ones((1, 64, 64, 3)), train=False)
+  maps = jax.jit(model.apply)(variables, jnp.ones((1, 64, 64, 3)))
   assert [m.shape for m in maps] == [(1, 16, 16, 8), (1, 8, 8, 16), (1, 4, 4, 20), (1, 2, 2, 32)]
 
 

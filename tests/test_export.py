@@ -24,7 +24,7 @@ def tiny(tmp_path_factory):
 
 
 def logits(model, variables, images):
-  return np.asarray(model.apply(variables, images, train=False))
+  return np.asarray(jax.jit(model.apply)(variables, images))
 
 
 def images(batch, size=64):

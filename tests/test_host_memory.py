@@ -7,9 +7,9 @@ import pytest
 
 from spanet_jax.train import host_memory
 
-# A jitted program whose scratch is one ~50 MiB block (cumulative sums and a sort keep
-# several 16 MiB intermediates alive), run 20 times; prints the scratch size in pages
-# and the page faults of each of the last 12 runs.
+# A jitted program whose scratch is one ~84 MiB block (four cumulative sums, each a
+# 16 MiB intermediate, are alive together), run 20 times; prints the scratch size in
+# pages and the page faults of each of the last 12 runs.
 PROGRAM = """
 import resource, sys
 from spanet_jax.train import host_memory
@@ -17,7 +17,8 @@ if sys.argv[1] == "keep":
   assert host_memory.keep_freed_memory()
 import jax, jax.numpy as jnp
 x = jnp.ones((2048, 2048))
-f = jax.jit(lambda x: jnp.sum(jnp.cumsum(jnp.cumsum(jnp.sin(x), 0) * x, 1) + jnp.sort(x, 0), 0))
+f = jax.jit(lambda x: jnp.sum(jnp.cumsum(jnp.sin(x), 0) * jnp.cumsum(jnp.cos(x), 1)[::-1]
+                             + jnp.cumsum(x, 1)[:, ::-1] * jnp.cumsum(x, 0).T, 0))
 faults = []
 for _ in range(20):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -431,8 +431,9 @@ def test_captured_intermediates_hold_the_whole_batch(tiny_variables):
   """With batch_parts left to auto, capture_intermediates records each block once, for
   the whole batch, as a model without parts does; an explicit count records each part."""
   x = jax.random.normal(jax.random.PRNGKey(4), (4, 32, 32, 3))
-  captured = lambda model: model.apply(tiny_variables, x, capture_intermediates=True,
-                                       mutable=["intermediates"])[1]["intermediates"]
+  captured = lambda model: jax.jit(lambda v: model.apply(
+      v, x, capture_intermediates=True, mutable=["intermediates"])[1]["intermediates"])(
+          tiny_variables)
   block = lambda tree: tree["backbone"]["stage0_block0"]["__call__"]
   whole = captured(spanet_jax.create_model(TINY, batch_parts=1))
   auto = captured(spanet_jax.create_model(TINY))

@@ -393,7 +393,8 @@ def test_spectral_analysis_matches_the_definition(tiny_variables):
                                                              (3, 0)]
   assert [s.height for s in spectra] == [24, 12, 6, 6, 3]
   # The last block of each stage is that stage's output.
-  stage_outputs = model.apply(tiny_variables, jnp.asarray(images), method="stage_features")
+  stage_outputs = jax.jit(model.apply, static_argnames="method")(
+      tiny_variables, jnp.asarray(images), method="stage_features")
   last_blocks = [spectra[0], spectra[1], spectra[3], spectra[4]]
   for spectrum, feature in zip(last_blocks, stage_outputs):
     np.testing.assert_allclose(spectrum.relative_log_amplitude,
@@ -454,15 +455,17 @@ def test_spectral_analysis_bad_input_writes_nothing(tmp_path, official):
 
 
 def test_benchmark_script_reports_both_frameworks_and_memory(tmp_path):
-  """benchmarks/benchmark.py end to end at a small size (timings are not checked, only
-  that every figure is measured and the ratios are the figures' ratios)."""
+  """benchmarks/benchmark.py end to end at a small size and depth (timings are not
+  checked, only that every figure is measured and the ratios are the figures' ratios)."""
   out = tmp_path / "bench.json"
   result = subprocess.run(
-      [sys.executable, "benchmarks/benchmark.py", "--models", "spanet_s", "--batch", "1",
-       "--size", "64", "--warmup", "0", "--repeats", "2", "--json", str(out)],
+      [sys.executable, "benchmarks/benchmark.py", "--models", "spanet_s", "--layers", "1", "1",
+       "1", "1", "--batch", "1", "--size", "64", "--warmup", "0", "--repeats", "2", "--json",
+       str(out)],
       cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
       timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "layers 1 1 1 1 (not the models' own)" in result.stdout
   assert re.search(r"^spanet_s\s+reference\s+forward\s", result.stdout, re.M), result.stdout
   assert re.search(r"^spanet_s\s+reference\s+train\s", result.stdout, re.M), result.stdout
   (measured,) = json.load(open(out))["results"]

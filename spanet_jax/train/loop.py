@@ -334,58 +334,66 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
   signal.signal(signal.SIGTERM, on_sigterm)
 
   step = int(jax.device_get(state.step))
+  # Closed on every way out of the loop: a tf.data iterator left to the interpreter's
+  # shutdown can wait forever (or abort) on its reads, which need Python to run.
   batches = pipeline.train_batches(train_source, config, config.batch_size, step, process,
-                               processes)
-  print(f"training {config.model} on {config.dataset if not config.folder else config.folder}: "
-        f"{train_source.num_examples} images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-        f"global batch {config.batch_size} on {jax.device_count()} devices", flush=True)
-  window_start, window_steps = time.perf_counter(), 0
-  run_start, run_start_step = time.perf_counter(), step
-  while step < total_steps:
-    state, metrics = train_fn(state, mesh.global_batch(partitioning, next(batches)))
-    step += 1
-    window_steps += 1
-    loss = float(metrics["loss"])
-    if not np.isfinite(loss):
-      # Close the checkpoint managers here: their background threads still running at
-      # interpreter exit abort the process instead of letting it exit with status 1.
-      manager.wait_until_finished()
-      last_good = manager.latest_step()
-      manager.close()
-      best_manager.close()
-      raise LossNotFinite(
-          f"the loss became {loss} at step {step}; stopping without saving. The last good "
-          f"checkpoint ({last_good}) is in {manager.directory}: lower config.lr "
-          f"or set config.grad_clip, then restart.")
-    if step % config.log_every_steps == 0 or step == total_steps:
-      elapsed = time.perf_counter() - window_start
-      rate = window_steps * config.batch_size / elapsed
-      remaining = (total_steps - step) * (time.perf_counter() - run_start) / (step - run_start_step)
-      lr = float(schedule(max(step // config.grad_accum_steps - 1, 0)))
-      print(f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.3g}  {rate:.1f} img/s  "
-            f"ETA {remaining / 60:.1f} min", flush=True)
-      writer.write(step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": rate,
-                          "train/grad_norm": float(metrics["grad_norm"])})
-      window_start, window_steps = time.perf_counter(), 0
-    epoch_end = step % steps_per_epoch == 0
-    epoch = step // steps_per_epoch
-    if (epoch_end and epoch % config.eval_every_epochs == 0) or step == total_steps:
-      results = evaluate(state)
-      print(f"step {step} (epoch {epoch}): eval top-1 {results['eval/top1']:.4f}  "
-            f"top-5 {results['eval/top5']:.4f}", flush=True)
-      writer.write(step, results)
-      best_manager.save(step, args=ocp.args.StandardSave(state.params), metrics=results)
-    scheduled = step % config.checkpoint_every_steps == 0 or step == total_steps
-    if scheduled:
-      save(step, state)
-    if stop["signal"] is not None:
-      if not scheduled:  # a signal right after a scheduled save: that save is the one
+                                   processes)
+  try:
+    print(f"training {config.model} on {config.folder or config.dataset}: "
+          f"{train_source.num_examples} images, {steps_per_epoch} steps/epoch, "
+          f"{total_steps} steps, global batch {config.batch_size} on {jax.device_count()} "
+          "devices", flush=True)
+    window_start, window_steps = time.perf_counter(), 0
+    run_start, run_start_step = time.perf_counter(), step
+    while step < total_steps:
+      state, metrics = train_fn(state, mesh.global_batch(partitioning, next(batches)))
+      step += 1
+      window_steps += 1
+      loss = float(metrics["loss"])
+      if not np.isfinite(loss):
+        # Close the checkpoint managers here: their background threads still running at
+        # interpreter exit abort the process instead of letting it exit with status 1.
+        manager.wait_until_finished()
+        last_good = manager.latest_step()
+        manager.close()
+        best_manager.close()
+        saved = (f"the last good checkpoint (step {last_good}) is in {manager.directory}"
+                 if last_good is not None else "no checkpoint was saved before it")
+        raise LossNotFinite(
+            f"the loss became {loss} at step {step}; stopping without saving ({saved}): "
+            "lower config.lr or set config.grad_clip, then restart.")
+      if step % config.log_every_steps == 0 or step == total_steps:
+        elapsed = time.perf_counter() - window_start
+        rate = window_steps * config.batch_size / elapsed
+        remaining = ((total_steps - step) * (time.perf_counter() - run_start)
+                     / (step - run_start_step))
+        lr = float(schedule(max(step // config.grad_accum_steps - 1, 0)))
+        print(f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.3g}  {rate:.1f} img/s  "
+              f"ETA {remaining / 60:.1f} min", flush=True)
+        writer.write(step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": rate,
+                            "train/grad_norm": float(metrics["grad_norm"])})
+        window_start, window_steps = time.perf_counter(), 0
+      epoch_end = step % steps_per_epoch == 0
+      epoch = step // steps_per_epoch
+      if (epoch_end and epoch % config.eval_every_epochs == 0) or step == total_steps:
+        results = evaluate(state)
+        print(f"step {step} (epoch {epoch}): eval top-1 {results['eval/top1']:.4f}  "
+              f"top-5 {results['eval/top5']:.4f}", flush=True)
+        writer.write(step, results)
+        best_manager.save(step, args=ocp.args.StandardSave(state.params), metrics=results)
+      scheduled = step % config.checkpoint_every_steps == 0 or step == total_steps
+      if scheduled:
         save(step, state)
-      manager.wait_until_finished()
-      print(f"received signal {stop['signal']}: saved step {step}, exiting", flush=True)
-      manager.close()
-      best_manager.close()
-      return
+      if stop["signal"] is not None:
+        if not scheduled:  # a signal right after a scheduled save: that save is the one
+          save(step, state)
+        manager.wait_until_finished()
+        print(f"received signal {stop['signal']}: saved step {step}, exiting", flush=True)
+        manager.close()
+        best_manager.close()
+        return
+  finally:
+    batches.close()
   manager.wait_until_finished()
   best_manager.wait_until_finished()
   final = os.path.join(workdir, "final")
