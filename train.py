@@ -14,6 +14,7 @@ weights, for spanet_jax.load_pretrained and --config.init_from).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -80,10 +81,29 @@ def main(argv) -> None:
     loop.run(FLAGS.config, FLAGS.workdir, cluster=cluster, verbose=FLAGS.verbose)
   except loop.ConfigError as err:
     print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+    exit_now(2)
   except loop.LossNotFinite as err:
-    print(f"error: {err}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    print(f"error: {err}", file=sys.stderr)
+    exit_now(1)
+  exit_now(0)
+
+
+def exit_now(code: int) -> None:
+  """Exit without the interpreter's shutdown, once everything is written.
+
+  At shutdown, threads of TensorFlow's input pipeline and of the libraries' pools are
+  torn down in no set order: now and then one waits forever for Python, which is gone,
+  or aborts the process, and a run that ended well would hang or exit with SIGABRT.
+  Everything the run writes is complete when loop.run returns (checkpoints waited for,
+  metrics flushed), so only the logs and the multi-process handshake remain.
+  """
+  if FLAGS.distributed:
+    import jax  # pylint: disable=g-import-not-at-top  (imported already by the loop)
+    jax.distributed.shutdown()  # the barrier every process leaves together
+  logging.shutdown()  # train.log's handler
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":
