@@ -48,6 +48,12 @@ TINY_INFOS += [registry.ModelInfo(name=TINY_V2[kind], family="spanetv2", crop_pc
                                                 "attention")))]
 
 
+def pytest_collection_modifyitems(items):
+  """The slow tests first: the two workers of `-n 2` then end together on short tests
+  instead of one of them running a long test alone at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tiny_models():
   """The tiny models in the registry while the tests run (and only then)."""

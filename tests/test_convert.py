@@ -114,6 +114,7 @@ def test_learnable_masks_convert_and_match_the_reference(rng):
 # The command line: success paths.
 
 
+@pytest.mark.slow
 def test_cli_converts_verifies_loads_and_exports(small_checkpoint, tmp_path):
   path, reference = small_checkpoint
   out = tmp_path / "weights" / "spanet_s"  # parent directories are created, as in the README

@@ -138,6 +138,7 @@ def test_training_batches_with_the_full_recipe_are_deterministic(digits):
   assert len({image.tobytes() for image in first["image"]}) == 16
 
 
+@pytest.mark.slow
 def test_resume_at_any_step_gives_the_uninterrupted_batches(digits):
   """Including across the epoch's end (89 steps of 16); a new epoch has a new order."""
   config, source = digits

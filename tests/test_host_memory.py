@@ -38,6 +38,7 @@ def scratch_pages_and_faults(mode: str) -> tuple[int, list[int]]:
   return pages, faults
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_scratch_is_reused_instead_of_faulted_in_every_run():
   # glibc's default: the block is mapped afresh, and faulted in, on every run.

@@ -402,6 +402,7 @@ def test_every_implementation_computes_the_default_model(overrides, tiny_variabl
   np.testing.assert_allclose(other, default, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_batch_parts_compute_the_whole_batch(tiny_variables):
   """The batch run as independent parts (the default on one CPU device: 2 for an even
   batch) gives every sample's logits, features and gradients as the whole batch does."""
@@ -461,6 +462,7 @@ def test_lowrank_needs_fixed_masks_and_impls_are_checked():
                    jax.random.PRNGKey(0), x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [TINY, TINY_V2["hybrid"]])
 def test_remat_gives_the_same_gradients(name):
   """remat=True recomputes blocks in the backward pass: same parameters, same gradients

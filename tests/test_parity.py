@@ -60,6 +60,7 @@ def test_tiny_dense_prediction_backbone(rng):
 FULL_SIZE = "spanet_s"  # every block of a published depth, against the reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["spanet_s", "spanet_m", "spanet_mx", "spanet_b", "spanet_bx"])
 def test_every_variant_at_224_and_256(name, rng):
   """spanet_s at full size; every other variant's full-size weights convert to exactly

@@ -96,6 +96,7 @@ def test_parameter_counts_equal_the_reference():
   assert flax_count == 26_991_948  # S18 hybrid; the paper rounds to 27M
 
 
+@pytest.mark.slow
 def test_train_mode_gradients_and_bfloat16(rng):
   model = spanet_jax.create_model(TINY_V2["hybrid"], drop_path_rate=0.3, head_dropout=0.2)
   x = jnp.asarray(rng.standard_normal((2, 64, 64, 3)), jnp.float32)
@@ -230,6 +231,7 @@ def test_grouped_projection_layout_matters(rng):
 FULL_SIZE = "spanetv2_s18_hybrid"  # both mixer kinds at a published depth
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", V2_MODELS)
 def test_every_variant_at_224_and_256(name, rng):
   """spanetv2_s18_hybrid at full size; every other variant's full-size weights convert
@@ -249,6 +251,7 @@ def test_every_variant_at_224_and_256(name, rng):
       assert_parity(*outputs(reference, model, variables, x), size=size)
 
 
+@pytest.mark.slow
 def test_converter_cli_verifies_and_rejects_a_mismatch(tmp_path):
   reference = tiny_v2_reference("hybrid", seed=5)
   pth = tmp_path / "v2.pth"
@@ -282,6 +285,7 @@ def test_converter_cli_verifies_and_rejects_a_mismatch(tmp_path):
   assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pure", "hybrid"])
 def test_tiny_gradients_match_pytorch_autograd(kind, rng):
   """Training computes the reference's gradients: every parameter's gradient within

@@ -340,6 +340,7 @@ def test_evaluate_bad_input_is_one_message_and_writes_nothing(tmp_path, official
     assert not output.exists()
 
 
+@pytest.mark.slow
 def test_evaluate_over_8_devices_matches_1_device(tmp_path, official, photo_folder):
   _, converted, _ = official
   single = tmp_path / "single.csv"
@@ -454,6 +455,7 @@ def test_spectral_analysis_bad_input_writes_nothing(tmp_path, official):
   assert code == 2 and "use a .png" in stderr
 
 
+@pytest.mark.slow
 def test_benchmark_script_reports_both_frameworks_and_memory(tmp_path):
   """benchmarks/benchmark.py end to end at a small size and depth (timings are not
   checked, only that every figure is measured and the ratios are the figures' ratios)."""

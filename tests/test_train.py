@@ -138,6 +138,7 @@ def test_pretrained_merge_keeps_matching_tensors_and_reports_new_head():
   assert report.dropped == ("head/kernel", "norm/scale")
 
 
+@pytest.mark.slow
 def test_eight_devices_and_fsdp_match_one_device(tmp_path):
   """Same global batch: loss and every gradient agree to float32 rounding: 1e-5 of the
   largest gradient, plus 1e-7 for reading gradients off an SGD step (params - new params
@@ -163,6 +164,7 @@ def test_eight_devices_and_fsdp_match_one_device(tmp_path):
 # train.py end to end on the demo dataset.
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, finished_run, data_dir):
   """SIGTERM right after a scheduled checkpoint (one every step until then), restart with
   the usual schedule: the final weights are bit-identical to the uninterrupted run's."""
@@ -205,6 +207,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, finished_run
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_without_overwriting_the_checkpoint(tmp_path, data_dir):
   result = run_train(tmp_path / "nan", "--config.lr=1e12", "--config.warmup_epochs=0",
                      data_dir=data_dir)
@@ -286,6 +289,7 @@ def test_bad_paths_are_one_line_and_leave_nothing(tmp_path, data_dir):
     assert sorted(os.listdir(tmp_path)) == ["a_file"] and a_file.read_text() == "keep"
 
 
+@pytest.mark.slow
 def test_two_processes_through_jax_distributed(tmp_path, data_dir):
   """Two local processes (CPU collectives) train a few steps and agree on every number."""
   import socket
@@ -293,7 +297,9 @@ def test_two_processes_through_jax_distributed(tmp_path, data_dir):
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   workdir = tmp_path / "multi"
-  one_epoch = [*FAST, "--config.num_epochs=1", "--config.log_every_steps=4"]
+  # One epoch, a line every 4 steps, one state checkpoint (the last step's).
+  one_epoch = [FAST[0], "--config.num_epochs=1", "--config.log_every_steps=4",
+               "--config.checkpoint_every_steps=100", "--config.eval_every_epochs=1"]
   processes = [run_train(workdir, "--distributed", f"--coordinator_address=localhost:{port}",
                          "--num_processes=2", f"--process_id={i}", wait=False,
                          data_dir=data_dir, fast=one_epoch) for i in range(2)]
@@ -338,6 +344,7 @@ def largest_data_file(workdir, step):
   return max(data.iterdir(), key=lambda path: path.stat().st_size)
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_damaged_checkpoints(tmp_path, finished_run, data_dir):
   """Flipped bytes fail the recorded checksum, a deleted or truncated data file fails the
   read: each is said in one line, the run resumes from the newest intact checkpoint and
@@ -407,6 +414,7 @@ def test_resume_with_another_data_order_stops_with_one_line(tmp_path, finished_r
   assert "Traceback" not in again.stderr
 
 
+@pytest.mark.slow
 def test_options_and_init_from_a_checkpoint_with_another_head(tmp_path, data_dir):
   """bfloat16, gradient accumulation, clipping, EMA, remat and init_from in one short run."""
   import spanet_jax
@@ -425,6 +433,7 @@ def test_options_and_init_from_a_checkpoint_with_another_head(tmp_path, data_dir
   assert len(evals) == 1 and 0.0 <= evals[0]["eval/top1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_class_per_folder_dataset(tmp_path, data_dir):
   from PIL import Image
   from sklearn.datasets import load_digits
@@ -444,6 +453,7 @@ def test_class_per_folder_dataset(tmp_path, data_dir):
   assert len(evals) == 1
 
 
+@pytest.mark.slow
 def test_spanetv2_trains_and_its_weights_serve_the_tools(tmp_path, data_dir):
   """A tiny SPANetV2 hybrid (ExSPAM, MixAttention, Attention) through train.py with LAMB
   and head dropout; evaluate.py on its workdir reproduces the run's last evaluation."""
