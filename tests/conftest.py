@@ -11,10 +11,14 @@ import tempfile
 # Tests compile many small programs on 2 CPU cores and run each a few times: compile
 # time is most of the run. LLVM's expensive passes, and XLA:CPU's MLIR fusion emitters
 # (its older elemental emitters compile about a third faster), cost more than they
-# could ever save here. Both flags change only how the machine code is produced; every
-# comparison in the tests is against PyTorch or against another of our own programs.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
+# could ever save here. These flags change only how the machine code is produced and
+# run; every comparison in the tests is against PyTorch or another of our own programs.
+# Two test workers share the 2 cores, so each runs XLA's and PyTorch's operations on
+# one thread: a thread pool per process would only contend with the other worker.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                      "--xla_cpu_use_fusion_emitters=false "
+                      "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Many tests, and the train.py and tool processes they start, compile the same programs
 # (the same model at the same shapes through another jit): one compilation cache for the
 # whole run, inherited by every process it starts, compiles each program once. Cached
@@ -46,12 +50,6 @@ TINY_INFOS += [registry.ModelInfo(name=TINY_V2[kind], family="spanetv2", crop_pc
                for kind, mixers in (("pure", ("exspam",) * 4),
                                     ("hybrid", ("exspam", "exspam", "mixattention",
                                                 "attention")))]
-
-
-def pytest_collection_modifyitems(items):
-  """The slow tests first: the two workers of `-n 2` then end together on short tests
-  instead of one of them running a long test alone at the end."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
 
 
 @pytest.fixture(scope="session", autouse=True)
