@@ -347,8 +347,8 @@ def test_evaluate_over_8_devices_matches_1_device(tmp_path, official, photo_fold
   code, _, stderr = run_main(evaluate.main, "--checkpoint", converted, "--data", photo_folder,
                              "--batch-size", 4, "--predictions", single)
   assert code == 0, stderr
-  env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
-         + " --xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
+         + os.environ.get("XLA_FLAGS", "")}
   # The subprocess registers the tiny model as the test session does.
   script = ("import sys; sys.path.insert(0, 'tests'); import conftest, evaluate\n"
             "from spanet_jax.models import registry\n"

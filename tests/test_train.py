@@ -144,7 +144,7 @@ def test_eight_devices_and_fsdp_match_one_device(tmp_path):
   largest gradient, plus 1e-7 for reading gradients off an SGD step (params - new params
   rounds at the parameters' ulp)."""
   env = {**os.environ, "PYTHONPATH": REPO,
-         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8 " + os.environ.get("XLA_FLAGS", "")}
   out = subprocess.run([sys.executable, "tests/helpers/sharded_step.py", str(tmp_path), "1:1",
                         "8:1", "8:2"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
