@@ -334,8 +334,9 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
   signal.signal(signal.SIGTERM, on_sigterm)
 
   step = int(jax.device_get(state.step))
-  # Closed on every way out of the loop: a tf.data iterator left to the interpreter's
-  # shutdown can wait forever (or abort) on its reads, which need Python to run.
+  # The input pipeline and the checkpoint managers are closed on every way out: a tf.data
+  # iterator left to the interpreter's shutdown can wait forever (or abort) on its reads,
+  # which need Python to run, and so can the managers' background threads.
   batches = pipeline.train_batches(train_source, config, config.batch_size, step, process,
                                    processes)
   try:
@@ -351,12 +352,8 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
       window_steps += 1
       loss = float(metrics["loss"])
       if not np.isfinite(loss):
-        # Close the checkpoint managers here: their background threads still running at
-        # interpreter exit abort the process instead of letting it exit with status 1.
         manager.wait_until_finished()
         last_good = manager.latest_step()
-        manager.close()
-        best_manager.close()
         saved = (f"the last good checkpoint (step {last_good}) is in {manager.directory}"
                  if last_good is not None else "no checkpoint was saved before it")
         raise LossNotFinite(
@@ -389,20 +386,18 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
           save(step, state)
         manager.wait_until_finished()
         print(f"received signal {stop['signal']}: saved step {step}, exiting", flush=True)
-        manager.close()
-        best_manager.close()
         return
+    manager.wait_until_finished()
+    best_manager.wait_until_finished()
+    final = os.path.join(workdir, "final")
+    params = state.ema_params if state.ema_params is not None else state.params
+    params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+    pretrained.save_pretrained(final, config.model, params, steps.described_options(options),
+                               extra={"source": "train.py", "step": step,
+                                      "data": dataclasses.asdict(eval_data),
+                                      "class_names": names}, overwrite=True)
+    print(f"done: weights in {final}", flush=True)
   finally:
     batches.close()
-  manager.wait_until_finished()
-  best_manager.wait_until_finished()
-  final = os.path.join(workdir, "final")
-  params = state.ema_params if state.ema_params is not None else state.params
-  params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
-  pretrained.save_pretrained(final, config.model, params, steps.described_options(options),
-                             extra={"source": "train.py", "step": step,
-                                    "data": dataclasses.asdict(eval_data),
-                                    "class_names": names}, overwrite=True)
-  print(f"done: weights in {final}", flush=True)
-  manager.close()
-  best_manager.close()
+    manager.close()
+    best_manager.close()
