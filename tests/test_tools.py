@@ -455,6 +455,16 @@ def test_spectral_analysis_bad_input_writes_nothing(tmp_path, official):
   assert code == 2 and "use a .png" in stderr
 
 
+def test_benchmark_layers_refuses_the_official_file(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "benchmarks/benchmark.py", "--layers", "1", "1", "1", "1",
+       "--official-file", str(tmp_path / "spanet.py")], cwd=REPO, capture_output=True,
+      text=True, timeout=300)
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.strip() == ("--layers builds our PyTorch reference; leave out "
+                                   "--official-file")
+
+
 @pytest.mark.slow
 def test_benchmark_script_reports_both_frameworks_and_memory(tmp_path):
   """benchmarks/benchmark.py end to end at a small size and depth (timings are not
