@@ -14,7 +14,8 @@ _EXPORTS = {"load_pretrained": "models.pretrained", "save_pretrained": "models.p
             "restore_train_state": "train.checkpoints", "create_model": "models.factory",
             "ModelInfo": "models.registry", "list_models": "models.registry",
             "model_info": "models.registry", "SPANet": "models.spanet",
-            "SPANetV2": "models.spanetv2"}
+            "SPANetV2": "models.spanetv2", "model_flops": "models.flops",
+            "FlopCount": "models.flops"}
 
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ import pytest
 
 from configs import default
 from spanet_jax.data import augment
-from spanet_jax.train import steps
+from spanet_jax.train import schedules, steps
 from conftest import shared_across_workers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,14 +110,17 @@ def test_mixing_targets_follow_the_pixels(mixup, cutmix):
       np.testing.assert_allclose(out[0], lam * images[0] + (1 - lam) * images[5], atol=1e-5)
 
 
-def test_schedule_warms_up_then_decays_to_min_lr():
+def test_per_update_schedule_warms_up_then_decays_to_min_lr():
   config = default.get_config()
   config.num_epochs, config.warmup_epochs, config.batch_size = 10, 2, 512
-  schedule = steps.learning_rate_schedule(config, steps_per_epoch=100)
+  config.lr_schedule = "cosine_per_update"
+  schedule = schedules.learning_rate_schedule(config, batches_per_epoch=100)
   assert float(schedule(0)) == pytest.approx(1e-6, rel=1e-5)
   assert float(schedule(200)) == pytest.approx(5e-4, rel=1e-5)  # 1e-3 * 512 / 1024
   assert float(schedule(1000)) == pytest.approx(1e-5, rel=1e-5)
   assert float(schedule(100)) < float(schedule(200)) > float(schedule(600))
+  assert float(schedule(1099)) == pytest.approx(1e-5, rel=1e-5)  # the cooldown epoch
+
 
 
 def test_weight_decay_skips_one_dimensional_parameters():

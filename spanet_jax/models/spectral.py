@@ -95,12 +95,18 @@ def hermitian_half(centred: jax.Array) -> jax.Array:
   return (0.5 * (unshifted + flipped))[..., : width // 2 + 1]
 
 
+# The name scope of the filters' operations in traces and profiles (models/flops.py
+# counts the work inside it apart).
+FILTER_SCOPE = "spectral_filter"
+
+
 def spectral_filter(x: jax.Array, mask_half: jax.Array) -> jax.Array:
   """Apply a half-spectrum mask (H, W // 2 + 1, C) to x (B, H, W, C), in float32."""
   height, width = x.shape[1:3]
-  spectrum = jnp.fft.rfft2(x.astype(jnp.float32), axes=(1, 2), norm="ortho")
-  spectrum = spectrum * mask_half.astype(jnp.float32)
-  return jnp.fft.irfft2(spectrum, s=(height, width), axes=(1, 2), norm="ortho")
+  with jax.named_scope(FILTER_SCOPE):
+    spectrum = jnp.fft.rfft2(x.astype(jnp.float32), axes=(1, 2), norm="ortho")
+    spectrum = spectrum * mask_half.astype(jnp.float32)
+    return jnp.fft.irfft2(spectrum, s=(height, width), axes=(1, 2), norm="ortho")
 
 
 def reference_spectral_filter(x: np.ndarray, centred: np.ndarray) -> np.ndarray:
@@ -223,6 +229,11 @@ def dft_spectral_filter(x: jax.Array, mask_half: jax.Array) -> jax.Array:
 
   Matrix units run these far better than FFTs at SPANet's feature sizes (7 to 56).
   """
+  with jax.named_scope(FILTER_SCOPE):
+    return _dft_spectral_filter(x, mask_half)
+
+
+def _dft_spectral_filter(x: jax.Array, mask_half: jax.Array) -> jax.Array:
   height, width = x.shape[1:3]
   cos_h, sin_h, cos_w, sin_w, icos_w, isin_w = _dft_matrices(height, width)
   hi = jax.lax.Precision.HIGHEST

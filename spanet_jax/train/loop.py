@@ -22,8 +22,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from spanet_jax.data import pipeline, preprocess, randaugment
-from spanet_jax.models import pretrained, registry
-from spanet_jax.train import checkpoints, mesh, steps
+from spanet_jax.models import flops, pretrained, registry
+from spanet_jax.train import checkpoints, mesh, monitoring, schedules, steps
 
 
 def quiet_console(verbose: bool) -> None:
@@ -43,8 +43,8 @@ def log_to_file(workdir: str) -> None:
 
 
 # The options that shape the learning-rate schedule over the steps.
-SCHEDULE_KEYS = ("num_epochs", "warmup_epochs", "lr", "lr_base_batch", "warmup_lr", "min_lr",
-                 "grad_accum_steps")
+SCHEDULE_KEYS = ("lr_schedule", "num_epochs", "warmup_epochs", "cooldown_epochs", "lr",
+                 "lr_base_batch", "warmup_lr", "min_lr", "grad_accum_steps")
 
 
 def read_previous_config(workdir: str) -> dict:
@@ -112,6 +112,15 @@ def validate(config, num_devices: int) -> None:
   if config.model not in registry.list_models():
     raise ConfigError(f"config.model={config.model!r} is not one of "
                       f"{', '.join(registry.list_models())}")
+  if config.lr_schedule not in schedules.SCHEDULES:
+    raise ConfigError(f"config.lr_schedule={config.lr_schedule!r}: use one of "
+                      f"{', '.join(schedules.SCHEDULES)}")
+  profile = tuple(config.profile_steps)
+  if profile and (len(profile) != 2 or any(not isinstance(v, int) or v < 0 for v in profile)):
+    raise ConfigError(f"config.profile_steps={profile}: give (first step, number of steps), "
+                      "or () for no profile")
+  if config.cooldown_epochs < 0:
+    raise ConfigError(f"config.cooldown_epochs={config.cooldown_epochs} must not be negative")
   if config.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.dtype={config.dtype!r}: use float32 or bfloat16")
   for key in ("batch_size", "num_epochs", "grad_accum_steps", "log_every_steps",
@@ -235,14 +244,13 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
   if steps_per_epoch == 0:
     raise ConfigError(f"config.batch_size={config.batch_size} exceeds the "
                       f"{train_source.num_examples} training examples")
-  total_steps = config.num_epochs * steps_per_epoch
-  updates_per_epoch = max(steps_per_epoch // config.grad_accum_steps, 1)
+  total_steps = schedules.total_epochs(config) * steps_per_epoch
 
   # Model, optimizer, state: every sharding comes from `partitioning`.
   partitioning = mesh.Partitioning.create(config.mesh_model)
   options = steps.model_options(config)
   model = registry.build_model(config.model, dtype=jnp.dtype(config.dtype), **options)
-  schedule = steps.learning_rate_schedule(config, updates_per_epoch)
+  schedule = schedules.learning_rate_schedule(config, steps_per_epoch)
   optimizer = steps.make_optimizer(config, schedule)
   size = config.image_size
 
@@ -334,22 +342,28 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
   signal.signal(signal.SIGTERM, on_sigterm)
 
   step = int(jax.device_get(state.step))
+  first_step = step
   # The input pipeline and the checkpoint managers are closed on every way out: a tf.data
   # iterator left to the interpreter's shutdown can wait forever (or abort) on its reads,
   # which need Python to run, and so can the managers' background threads.
-  batches = pipeline.train_batches(train_source, config, config.batch_size, step, process,
-                                   processes)
-  try:
-    print(f"training {config.model} on {config.folder or config.dataset}: "
-          f"{train_source.num_examples} images, {steps_per_epoch} steps/epoch, "
-          f"{total_steps} steps, global batch {config.batch_size} on {jax.device_count()} "
-          "devices", flush=True)
-    window_start, window_steps = time.perf_counter(), 0
-    run_start, run_start_step = time.perf_counter(), step
-    while step < total_steps:
-      state, metrics = train_fn(state, mesh.global_batch(partitioning, next(batches)))
-      step += 1
-      window_steps += 1
+  local_batches = pipeline.train_batches(train_source, config, config.batch_size, step,
+                                         process, processes)
+  batches = mesh.prefetch_to_device(local_batches, partitioning)
+  devices = jax.device_count()
+  throughput = monitoring.Throughput(
+      config.batch_size, jax.devices(),
+      lambda: 3 * flops.model_flops(config.model, config.image_size, **options).total)
+  profiler = monitoring.Profiler(config.profile_steps, workdir)
+  # Steps whose metrics are still on the devices: read at the next sync point (a log,
+  # evaluation or checkpoint step, a signal, the end), never in between, so that the host
+  # dispatches step after step without waiting for one to finish.
+  pending: list[tuple[int, dict]] = []
+
+  def read_pending() -> dict:
+    """The newest step's metrics on the host, after checking every pending step's loss:
+    the first non-finite one stops the run before anything is saved after it."""
+    values = jax.device_get([metrics for _, metrics in pending])
+    for (at, _), metrics in zip(pending, values):
       loss = float(metrics["loss"])
       if not np.isfinite(loss):
         manager.wait_until_finished()
@@ -357,36 +371,64 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
         saved = (f"the last good checkpoint (step {last_good}) is in {manager.directory}"
                  if last_good is not None else "no checkpoint was saved before it")
         raise LossNotFinite(
-            f"the loss became {loss} at step {step}; stopping without saving ({saved}): "
+            f"the loss became {loss} at step {at}; stopping without saving ({saved}): "
             "lower config.lr or set config.grad_clip, then restart.")
-      if step % config.log_every_steps == 0 or step == total_steps:
-        elapsed = time.perf_counter() - window_start
-        rate = window_steps * config.batch_size / elapsed
-        remaining = ((total_steps - step) * (time.perf_counter() - run_start)
-                     / (step - run_start_step))
-        lr = float(schedule(max(step // config.grad_accum_steps - 1, 0)))
-        print(f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.3g}  {rate:.1f} img/s  "
-              f"ETA {remaining / 60:.1f} min", flush=True)
-        writer.write(step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": rate,
-                            "train/grad_norm": float(metrics["grad_norm"])})
-        window_start, window_steps = time.perf_counter(), 0
+    pending.clear()
+    return {key: float(value) for key, value in values[-1].items()}
+
+  try:
+    print(f"training {config.model} on {config.folder or config.dataset}: "
+          f"{train_source.num_examples} images, {steps_per_epoch} steps/epoch, "
+          f"{total_steps} steps, global batch {config.batch_size} on {devices} devices, "
+          f"peak lr {schedules.peak_lr(config):.3g}", flush=True)
+    print("compiling the training step...", flush=True)
+    window_start, window_steps = time.perf_counter(), 0
+    profiler.after_step(step, state)
+    while step < total_steps:
+      state, metrics = train_fn(state, next(batches))
+      step += 1
+      window_steps += 1
+      pending.append((step, metrics))
+      profiler.after_step(step, state)
+      first = step == first_step + 1
+      log_now = step % config.log_every_steps == 0 or step == total_steps or first
       epoch_end = step % steps_per_epoch == 0
       epoch = step // steps_per_epoch
-      if (epoch_end and epoch % config.eval_every_epochs == 0) or step == total_steps:
+      eval_now = (epoch_end and epoch % config.eval_every_epochs == 0) or step == total_steps
+      save_now = step % config.checkpoint_every_steps == 0 or step == total_steps
+      stopping = stop["signal"] is not None
+      if not (log_now or eval_now or save_now or stopping):
+        continue
+      latest_metrics = read_pending()
+      if log_now:
+        elapsed = time.perf_counter() - window_start
+        lr = float(schedule(max(step // config.grad_accum_steps - 1, 0)))
+        if first:  # its time is mostly compilation: no rate
+          line, rates = f"  (first step; compiled in {elapsed:.0f} s)", {}
+        else:
+          line, rates = throughput.measure(window_steps, elapsed)
+          line += f"  ETA {(total_steps - step) * elapsed / window_steps / 60:.1f} min"
+        print(f"step {step}/{total_steps}  loss {latest_metrics['loss']:.4f}  "
+              f"lr {lr:.3g}{line}", flush=True)
+        writer.write(step, {"train/loss": latest_metrics["loss"], "train/lr": lr,
+                            "train/grad_norm": latest_metrics["grad_norm"], **rates})
+        window_start, window_steps = time.perf_counter(), 0
+      if eval_now:
         results = evaluate(state)
         print(f"step {step} (epoch {epoch}): eval top-1 {results['eval/top1']:.4f}  "
               f"top-5 {results['eval/top5']:.4f}", flush=True)
         writer.write(step, results)
         best_manager.save(step, args=ocp.args.StandardSave(state.params), metrics=results)
-      scheduled = step % config.checkpoint_every_steps == 0 or step == total_steps
-      if scheduled:
+      if save_now:
         save(step, state)
-      if stop["signal"] is not None:
-        if not scheduled:  # a signal right after a scheduled save: that save is the one
+      if stopping:
+        if not save_now:  # a signal right after a scheduled save: that save is the one
           save(step, state)
         manager.wait_until_finished()
         print(f"received signal {stop['signal']}: saved step {step}, exiting", flush=True)
         return
+      if eval_now or save_now:  # the window's rate leaves out evaluation and saving
+        window_start, window_steps = time.perf_counter(), 0
     manager.wait_until_finished()
     best_manager.wait_until_finished()
     final = os.path.join(workdir, "final")
@@ -398,6 +440,8 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
                                       "class_names": names}, overwrite=True)
     print(f"done: weights in {final}", flush=True)
   finally:
+    profiler.close()
     batches.close()
+    local_batches.close()
     manager.close()
     best_manager.close()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -68,3 +69,17 @@ def global_batch(partitioning: Partitioning, local: dict) -> dict:
   """Assemble this process's share into global arrays sharded over the batch axis."""
   return {k: jax.make_array_from_process_local_data(partitioning.batch, np.asarray(v))
           for k, v in local.items()}
+
+
+def prefetch_to_device(local_batches: Iterable[dict], partitioning: Partitioning,
+                       size: int = 2) -> Iterator[dict]:
+  """Global batches put on the devices `size` ahead of their use: the next batch's
+  host-to-device copy runs while the current step does (as the Flax ImageNet example's
+  prefetch_to_device)."""
+  queue = collections.deque()
+  for local in local_batches:
+    queue.append(global_batch(partitioning, local))
+    if len(queue) >= size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

@@ -1,6 +1,6 @@
-"""The pieces of a training step: learning-rate schedule, optimizer, state, and the pure
-steps. `train_step(state, batch)` and `eval_step(params, batch)` are pure functions;
-the mesh and every sharding are declared in mesh.py."""
+"""The pieces of a training step: optimizer, state, and the pure steps
+`train_step(state, batch)` and `eval_step(params, batch)`. The learning-rate schedules
+are in schedules.py; the mesh and every sharding are declared in mesh.py."""
 
 from __future__ import annotations
 
@@ -21,16 +21,6 @@ class TrainState:
   opt_state: Any
   ema_params: Any  # None without EMA
   rng: jax.Array
-
-
-def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  """Linear warmup from warmup_lr, then cosine to min_lr; lr scales with the batch."""
-  peak = config.lr * config.batch_size / config.lr_base_batch
-  total = max(config.num_epochs * steps_per_epoch, 1)
-  warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=config.warmup_lr, peak_value=peak, warmup_steps=warmup,
-      decay_steps=total, end_value=config.min_lr)
 
 
 def decay_mask(params):
