@@ -229,6 +229,58 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(tmp_path, data_dir):
   assert not (tmp_path / "nan" / "final").exists()
 
 
+@pytest.mark.slow
+def test_the_loop_reads_device_values_only_at_log_eval_and_checkpoint_steps(
+    tmp_path, data_dir, monkeypatch):
+  """Between sync points (a log, evaluation or checkpoint step) the host only dispatches:
+  every read of a device array's value in the loop's thread is recorded with the number
+  of batches handed to the step so far, and each falls on a sync step."""
+  import logging as std_logging
+  import threading
+  from jax._src import array
+  from configs import demo
+  from spanet_jax.train import loop, mesh
+  events, main = [], threading.get_ident()
+  value = array.ArrayImpl._value
+
+  def recording_value(self):
+    if threading.get_ident() == main:
+      events.append("read")
+    return value.fget(self)
+
+  prefetch = mesh.prefetch_to_device
+
+  def counting_prefetch(*args, **kwargs):
+    for batch in prefetch(*args, **kwargs):
+      events.append("batch")
+      yield batch
+
+  config = demo.get_config()
+  config.data_dir, config.model_overrides.dims = data_dir, (8, 16, 24, 32)  # as FAST
+  config.num_epochs, config.log_every_steps, config.checkpoint_every_steps = 2, 5, 15
+  config.eval_every_epochs = 1
+  handlers = list(std_logging.getLogger().handlers)
+  sigterm = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setattr(array.ArrayImpl, "_value", property(recording_value))
+  monkeypatch.setattr(mesh, "prefetch_to_device", counting_prefetch)
+  try:
+    loop.run(config, str(tmp_path / "run"))
+  finally:
+    signal.signal(signal.SIGTERM, sigterm)
+    for handler in set(std_logging.getLogger().handlers) - set(handlers):
+      std_logging.getLogger().removeHandler(handler)
+  batches, read_after = 0, set()
+  for event in events:
+    if event == "batch":
+      batches += 1
+    else:
+      read_after.add(batches)
+  assert batches == 44
+  sync_steps = ({0, 1, 44} | set(range(5, 45, 5)) | {22} | {15, 30})  # start, logs, evals, saves
+  assert read_after <= sync_steps, sorted(read_after - sync_steps)
+  assert {1, 5, 10, 15, 22, 44} <= read_after
+
+
 @pytest.mark.parametrize("override,message", [
     ("batch_size=0", "config.batch_size=0 must be positive"),
     ("dtype='float16'", "use float32 or bfloat16"),
@@ -243,6 +295,10 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(tmp_path, data_dir):
     ("model='spanetv2_s18_hybrid'",  # the tests' widths (8, 16, 24, 32): 24 % 32 != 0
      "cannot be built: MixAttention needs channels divisible by 32"),
     ("lr=float('nan')", "config.lr=nan must be a finite number"),
+    ("lr_schedule='linear'", "config.lr_schedule='linear': use one of cosine_per_epoch, "
+                             "cosine_per_update"),
+    ("cooldown_epochs=-1", "config.cooldown_epochs=-1 must not be negative"),
+    ("profile_steps=(3,)", "config.profile_steps=(3,): give (first step, number of steps)"),
 ])
 def test_bad_config_values_are_named(override, message, tmp_path, data_dir):
   """Every value is checked before any work (in-process: the loop train.py runs)."""
@@ -437,9 +493,13 @@ def test_options_and_init_from_a_checkpoint_with_another_head(tmp_path, data_dir
 
 
 @pytest.mark.slow
-def test_class_per_folder_dataset(tmp_path, data_dir):
+def test_class_per_folder_dataset_with_the_official_schedule(tmp_path, data_dir):
+  """A class-per-folder dataset through train.py on the official per-epoch schedule (one
+  warm-up epoch, one cosine epoch, one cooldown epoch): the lr logged for every update is
+  timm's for its epoch; every line carries images/s per device; steps 3-4 are profiled."""
   from PIL import Image
   from sklearn.datasets import load_digits
+  from test_recipe import official_update_lrs
   digits = load_digits()
   root = tmp_path / "folder"
   for index, (image, label) in enumerate(zip(digits.images[:300], digits.target[:300])):
@@ -447,13 +507,26 @@ def test_class_per_folder_dataset(tmp_path, data_dir):
     path = root / split / f"class_{label}"
     path.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.uint8(image * 15)).convert("RGB").save(path / f"{index}.png")
-  result = run_train(tmp_path / "folder_run", f"--config.folder={root}",
-                     "--config.eval_split=val", "--config.num_epochs=1",
-                     "--config.batch_size=32", data_dir=data_dir)
+  workdir = tmp_path / "folder_run"
+  result = run_train(workdir, f"--config.folder={root}",
+                     "--config.eval_split=val", "--config.num_epochs=2",
+                     "--config.batch_size=32", "--config.lr_schedule=cosine_per_epoch",
+                     "--config.warmup_epochs=1", "--config.cooldown_epochs=1",
+                     "--config.log_every_steps=1", "--config.profile_steps=(2, 2)",
+                     data_dir=data_dir)
   assert result.returncode == 0, why(result.stderr)
-  assert "240 images" in result.stdout
-  evals = [r for r in metrics(tmp_path / "folder_run") if "eval/top1" in r]
-  assert len(evals) == 1
+  assert "240 images" in result.stdout and "7 steps/epoch, 21 steps" in result.stdout
+  rows = metrics(workdir)
+  evals = [r for r in rows if "eval/top1" in r]
+  assert len(evals) == 3
+  logged = [r for r in rows if "train/lr" in r]
+  assert [r["step"] for r in logged] == list(range(1, 22))
+  expected = official_update_lrs(2e-3 * 32 / 64, 2, 1, 1, 1e-6, 1e-5, updates_per_epoch=7)
+  np.testing.assert_allclose([r["train/lr"] for r in logged], expected, rtol=1e-5)
+  assert all(r["train/images_per_s_per_device"] > 0 for r in logged[1:])  # after compiling
+  assert "(first step; compiled in" in result.stdout and "/device)" in result.stdout
+  traces = list((workdir / "profile").rglob("*.xplane.pb"))
+  assert traces and "profile of steps 3-4 written under" in result.stdout
 
 
 @pytest.mark.slow
