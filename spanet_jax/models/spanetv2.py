@@ -98,7 +98,8 @@ class ExSPAM(nn.Module):
                                  ctx[..., i * group:(i + 1) * group])
         for i in range(self.num_groups)]
     # All groups in one transform: each channel has its own mask.
-    masks = self._half_masks(group, height, width)
+    with jax.named_scope(spectral.FILTER_SCOPE):  # the masks are part of the filter
+      masks = self._half_masks(group, height, width)
     stacked = jnp.concatenate(convolved, axis=-1)
     if self._spectral_impl() == "dft":
       filtered = spectral.dft_spectral_filter(stacked, masks)

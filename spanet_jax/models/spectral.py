@@ -170,7 +170,9 @@ def _lowrank_terms(x: jax.Array, radius: float, lambdas: Sequence[float]):
   project = jnp.broadcast_to(basis.T, (batch,) + basis.T.shape)  # (B, K, HW)
   expand = jnp.broadcast_to(basis, (batch,) + basis.shape)  # (B, HW, K)
   x = x.reshape(batch, height * width, channels)
-  projections = jnp.matmul(project, x.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  with jax.named_scope(FILTER_SCOPE):
+    projections = jnp.matmul(project, x.astype(jnp.float32),
+                             precision=jax.lax.Precision.HIGHEST)
   return (x, projections, expand, np.repeat(weights, sizes, axis=1),
           np.repeat(identity, sizes))
 
@@ -196,10 +198,11 @@ def lowrank_filter_matmul(x: jax.Array, radius: float, kernel: jax.Array,
   """
   rows, projections, expand, weights, identity = _lowrank_terms(x, radius, lambdas)
   kernel = identity[:, None].astype(kernel.dtype) * kernel
-  coefficients = projections * (weights / identity).astype(np.float32)  # (B, K, C)
-  hi = jax.lax.Precision.HIGHEST
-  low = jnp.matmul(coefficients, kernel.astype(jnp.float32), precision=hi)
-  correction = jnp.matmul(expand, low, precision=hi)  # (B, HW, N)
+  with jax.named_scope(FILTER_SCOPE):
+    coefficients = projections * (weights / identity).astype(np.float32)  # (B, K, C)
+    hi = jax.lax.Precision.HIGHEST
+    low = jnp.matmul(coefficients, kernel.astype(jnp.float32), precision=hi)
+    correction = jnp.matmul(expand, low, precision=hi)  # (B, HW, N)
   main = rows.reshape(-1, x.shape[-1]) @ kernel
   return main + correction.reshape(main.shape).astype(main.dtype)
 

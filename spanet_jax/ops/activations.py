@@ -44,7 +44,7 @@ def _gelu_fwd(x):
 def _gelu_bwd(x, grad_y):
   x = recompute.recompute_here(x, grad_y)
   cdf = 0.5 * (1.0 + jax.lax.erf(x * _INV_SQRT2).astype(x.dtype))
-  pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+  pdf = (jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI).astype(x.dtype)
   return (grad_y * (cdf + x * pdf),)
 
 
@@ -81,7 +81,8 @@ def _gelu_mlp_bwd(residuals, grad_y):
   activation = 0.5 * hidden * (1.0 + erf)  # _gelu(hidden), sharing the erf
   grad_kernel2 = activation.T @ grad_y
   grad_activation = grad_y @ kernel2.T
-  pdf = jnp.exp(-0.5 * hidden * hidden) * _INV_SQRT_2PI
+  # In the activations' dtype: a float32 constant would make every product below mixed.
+  pdf = (jnp.exp(-0.5 * hidden * hidden) * _INV_SQRT_2PI).astype(hidden.dtype)
   grad_hidden = grad_activation * (0.5 * (1.0 + erf) + hidden * pdf)
   return (grad_hidden @ kernel1.T, x.T @ grad_hidden, jnp.sum(grad_hidden, 0),
           grad_kernel2, jnp.sum(grad_y, 0))
