@@ -1,6 +1,6 @@
 """The demo: a small SPANet on scikit-learn's handwritten digits, through exactly the
 same train.py, TFDS, sharding and Orbax path as ImageNet. About two minutes on 2 CPU
-cores; reaches about 97% validation top-1.
+cores; reaches about 98.6% validation top-1.
 
   python train.py --config configs/demo.py --workdir /tmp/spanet_demo
 """

@@ -298,6 +298,11 @@ def test_the_loop_reads_device_values_only_at_log_eval_and_checkpoint_steps(
     ("lr_schedule='linear'", "config.lr_schedule='linear': use one of cosine_per_epoch, "
                              "cosine_per_update"),
     ("cooldown_epochs=-1", "config.cooldown_epochs=-1 must not be negative"),
+    ("eval_every_epochs=0", "config.eval_every_epochs=0 must be positive"),
+    ("lr_base_batch=0", "config.lr_base_batch=0 must be positive"),
+    ("mesh_model=3", "config.mesh_model=3 does not divide the 1 devices"),
+    ("eval_batch_size=-1", "config.eval_batch_size=-1 must be positive (or 0: batch_size)"),
+    ("label_smoothing=1.5", "config.label_smoothing=1.5 must be below 1"),
     ("profile_steps=(3,)", "config.profile_steps=(3,): give (first step, number of steps)"),
 ])
 def test_bad_config_values_are_named(override, message, tmp_path, data_dir):

@@ -124,9 +124,16 @@ def validate(config, num_devices: int) -> None:
   if config.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.dtype={config.dtype!r}: use float32 or bfloat16")
   for key in ("batch_size", "num_epochs", "grad_accum_steps", "log_every_steps",
-              "checkpoint_every_steps", "keep_checkpoints", "image_size", "num_classes"):
+              "checkpoint_every_steps", "keep_checkpoints", "image_size", "num_classes",
+              "eval_every_epochs", "lr_base_batch", "mesh_model"):
     if config[key] <= 0:
       raise ConfigError(f"config.{key}={config[key]} must be positive")
+  if num_devices % config.mesh_model:
+    raise ConfigError(f"config.mesh_model={config.mesh_model} does not divide the "
+                      f"{num_devices} devices")
+  if config.eval_batch_size < 0:
+    raise ConfigError(f"config.eval_batch_size={config.eval_batch_size} must be positive "
+                      "(or 0: batch_size)")
   if config.batch_size % num_devices:
     raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
                       f"{num_devices} devices")
@@ -144,6 +151,8 @@ def validate(config, num_devices: int) -> None:
       randaugment.RandAugmentSpec(config.randaugment)
     except ValueError as err:
       raise ConfigError(f"config.randaugment: {err}") from None
+  if config.label_smoothing >= 1:
+    raise ConfigError(f"config.label_smoothing={config.label_smoothing} must be below 1")
   if config.ema_decay >= 1:
     raise ConfigError(f"config.ema_decay={config.ema_decay} must be below 1")
   if config.optimizer not in ("adamw", "lamb"):
@@ -335,11 +344,13 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
 
   stop = {"signal": None}
 
-  def on_sigterm(signum, frame):
+  def on_stop_signal(signum, frame):
     del frame
     stop["signal"] = signum
 
-  signal.signal(signal.SIGTERM, on_sigterm)
+  # Ctrl-C as SIGTERM: the step in flight finishes, its state is saved, the run exits.
+  signal.signal(signal.SIGTERM, on_stop_signal)
+  signal.signal(signal.SIGINT, on_stop_signal)
 
   step = int(jax.device_get(state.step))
   first_step = step
