@@ -131,13 +131,15 @@ def main(argv=None) -> int:
   from spanet_jax import convert  # pylint: disable=g-import-not-at-top
   from spanet_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   from spanet_jax.models import pretrained, registry  # pylint: disable=g-import-not-at-top
+  from spanet_jax.tools import cli  # pylint: disable=g-import-not-at-top
 
   try:
     if args.model is not None:
       registry.model_info(args.model)
+    cli.refuse_output_over_input(args.output, "--output", [args.input])
     _check_output(args.output, args.overwrite, is_directory=not args.to_torch)
     return to_torch(args) if args.to_torch else to_flax(args)
-  except (UsageError, convert.ConversionError, pretrained.CheckpointError,
+  except (UsageError, cli.UsageError, convert.ConversionError, pretrained.CheckpointError,
           preprocess.ImageError, ValueError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

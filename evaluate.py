@@ -108,8 +108,9 @@ def evaluate(args) -> int:
   if args.batch_size < 1 or args.batch_size % devices:
     raise cli.UsageError(f"--batch-size {args.batch_size} must be a positive multiple of the "
                          f"{devices} devices")
-  for path in (args.output, args.predictions):
+  for flag, path in (("--output", args.output), ("--predictions", args.predictions)):
     if path:
+      cli.refuse_output_over_input(path, flag, [args.data, args.checkpoint])
       cli.check_writable(path)
   loaded = inference.load(args.checkpoint)
   inference.require_classifier(loaded)

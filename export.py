@@ -70,6 +70,7 @@ def export(args) -> int:
     exporting.platform.backend_for_platforms(platforms)
   except ValueError as err:
     raise cli.UsageError(f"--platforms: {err}") from None
+  cli.refuse_output_over_input(args.output, "--output", [args.checkpoint])
   exporting.check_output(args.output, args.overwrite)
   loaded = inference.load(args.checkpoint)
   size = tuple(args.size) if args.size else (loaded.data.input_size,) * 2

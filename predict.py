@@ -43,6 +43,8 @@ def predict(args) -> int:
   if args.top_k < 1 or args.batch_size < 1:
     raise cli.UsageError("--top-k and --batch-size must be positive")
   if args.json:
+    cli.refuse_output_over_input(args.json, "--json", [*args.images, args.checkpoint])
+    cli.refuse_replacing_non_json(args.json, "--json")
     cli.check_writable(args.json)
   for path in args.images:  # fail on a bad file before loading the model
     preprocess.load_image(path)

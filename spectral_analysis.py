@@ -94,7 +94,8 @@ def analyse(args) -> int:
   if os.path.splitext(args.out)[1].lower() not in (".png", ".pdf", ".svg"):
     raise cli.UsageError(f"--out {args.out}: use a .png, .pdf or .svg file name")
   csv_path = args.csv or os.path.splitext(args.out)[0] + ".csv"
-  for path in (args.out, csv_path):
+  for flag, path in (("--out", args.out), ("--csv", csv_path)):
+    cli.refuse_output_over_input(path, flag, [*args.images, *args.checkpoint])
     cli.check_writable(path)
   paths = image_paths(args)
   pictures = [preprocess.load_image(p) for p in paths]  # a bad file fails before any work

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -66,3 +67,35 @@ def check_writable(path: str) -> None:
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
     raise UsageError(f"cannot write {path}: {parent} is not a writable directory")
+
+
+def refuse_output_over_input(output: str, flag: str, inputs) -> None:
+  """Fail before any work if the output `output` (given as `flag`) is one of `inputs`
+  (files or directories), lies inside one, or contains one: writing it would replace or
+  delete the user's data."""
+  target = os.path.realpath(os.path.expanduser(output))
+  for given in inputs:
+    if not given or str(given).startswith("init:"):
+      continue
+    source = os.path.realpath(os.path.expanduser(str(given)))
+    if target == source:
+      raise UsageError(f"{flag} {output} is also an input ({given}); writing it would "
+                       "replace it: give another path")
+    if os.path.commonpath([target, source]) in (source, target):
+      inside = target.startswith(source + os.sep)
+      raise UsageError(f"{flag} {output} {'lies inside' if inside else 'contains'} the input "
+                       f"{given}; writing it would change the input: give another path")
+
+
+def refuse_replacing_non_json(output: str, flag: str) -> None:
+  """Fail before any work if `output` exists and is not JSON: `--json photo.jpg more.jpg`
+  hands the first image to the flag, which would overwrite it."""
+  if not os.path.isfile(output):
+    return
+  try:
+    with open(output, encoding="utf-8") as f:
+      json.load(f)
+  except (OSError, ValueError):
+    raise UsageError(f"{flag} {output} exists and is not a JSON file: it would be "
+                     f"overwritten. If it is an image, {flag} took it as its value: put "
+                     f"{flag} FILE after the images") from None
