@@ -85,6 +85,9 @@ def main(argv) -> None:
   except loop.LossNotFinite as err:
     print(f"error: {err}", file=sys.stderr)
     exit_now(1)
+  except KeyboardInterrupt:  # before training began (once it runs, Ctrl-C saves and exits)
+    print("error: interrupted before training began; nothing was saved", file=sys.stderr)
+    exit_now(130)
   exit_now(0)
 
 

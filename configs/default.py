@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = "float32"  # or "bfloat16": compute dtype; parameters stay float32
   config.remat = False  # recompute each block in the backward pass: less memory, more time
   config.init_from = ""  # a converted or trained checkpoint directory to start from
+  # init_from refuses a checkpoint from which nothing outside the head would load;
+  # True accepts it (training then starts from scratch but for what fits).
+  config.init_from_partial = False
 
   # Data, read through TFDS. `folder` (class-per-folder train/ and val/) wins over `dataset`.
   config.dataset = "imagenet2012"

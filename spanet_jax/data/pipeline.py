@@ -69,7 +69,8 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 class FolderTree:
   """A class-per-folder tree: root/<split>/<class>/<image>, classes in sorted order."""
   root: str
-  classes: tuple[str, ...]
+  classes: tuple[str, ...]  # the training split's class folders
+  train_split: str = "train"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +110,7 @@ def make_builder(config):
       raise DataError(f"no such folder: {config.folder} (expected {config.folder}/train/<class>/"
                       f"*.JPEG and {config.folder}/val/<class>/*)")
     train = os.path.join(config.folder, config.train_split)
-    return FolderTree(config.folder, tuple(folder_classes(train)))
+    return FolderTree(config.folder, tuple(folder_classes(train)), config.train_split)
   if config.dataset == "sklearn_digits":
     builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
@@ -150,6 +151,12 @@ def make_source(builder, split: str) -> Source:
     folder = os.path.join(builder.root, split)
     if not os.path.isdir(folder) and split == "validation":
       folder = os.path.join(builder.root, "val")
+    extra = sorted(set(folder_classes(folder)) - set(builder.classes))
+    if extra:
+      train = os.path.join(builder.root, builder.train_split)
+      raise DataError(f"{folder} has class folders that {train} lacks: "
+                      f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}; classes are "
+                      "matched by folder name, and these images could not be scored")
     return folder_source(folder, {name: i for i, name in enumerate(builder.classes)})
   if split not in builder.info.splits:
     raise DataError(f"split {split!r} not in {builder.info.name}: "
@@ -226,7 +233,21 @@ def train_batches(source: Source, config, global_batch: int, start_step: int,
   options = tf.data.Options()
   options.threading.max_intra_op_parallelism = 1  # parallel over images, not inside ops
   options.experimental_optimization.map_parallelization = True
-  yield from tfds.as_numpy(ds.with_options(options))
+  batches = iter(tfds.as_numpy(ds.with_options(options)))
+  step = start_step
+  while True:
+    try:
+      batch = next(batches)
+    except tf.errors.OpError as err:  # name the file: on ImageNet no one could find it
+      culprit = unreadable_example(source, config, global_batch, step, process_index,
+                                   process_count)
+      raise DataError(
+          f"cannot decode the training image {culprit}; replace it with a readable image "
+          "(removing it would change the data order)" if culprit else
+          f"reading the training batch of step {step + 1} failed: "
+          f"{err.message.strip().splitlines()[0]}") from None
+    yield batch
+    step += 1
 
 
 def eval_batches(source: Source, data_config: preprocess.DataConfig, local_batch: int,
@@ -314,20 +335,67 @@ def folder_classes(root: str) -> list[str]:
 
 
 def folder_source(root: str, class_index: dict[str, int]) -> Source:
-  """The images of a class-per-folder tree, labelled by `class_index` (folder -> class)."""
+  """The images of a class-per-folder tree, labelled by `class_index` (folder -> class).
+
+  Symbolic links are followed, but every directory is visited and every file counted
+  once (a link loop or a linked copy adds nothing); broken links are left out."""
   keep_tensorflow_off_accelerators()
-  files = []
+  files, seen_dirs, seen_files = [], set(), set()
   for name in folder_classes(root):
     if name not in class_index:
       continue
     folder = os.path.join(root, name)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+      real = os.path.realpath(dirpath)
+      if real in seen_dirs:
+        dirnames[:] = []
+        continue
+      seen_dirs.add(real)
       dirnames.sort()
-      files += [(os.path.join(dirpath, f), class_index[name]) for f in sorted(filenames)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+      for f in sorted(filenames):
+        path = os.path.join(dirpath, f)
+        if f.startswith(".") or not f.lower().endswith(IMAGE_EXTENSIONS):
+          continue
+        real_file = os.path.realpath(path)
+        if real_file in seen_files or not os.path.isfile(real_file):
+          continue
+        seen_files.add(real_file)
+        files.append((path, class_index[name]))
   if not files:
     raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/")
   return Source(root, len(files), files=tuple(files))
+
+
+def dataset_num_classes(builder) -> int | None:
+  """How many classes the dataset's labels span, when it says."""
+  if isinstance(builder, FolderTree):
+    return len(builder.classes)
+  try:
+    return int(builder.info.features["label"].num_classes)
+  except (KeyError, AttributeError, TypeError, ValueError):
+    return None
+
+
+def unreadable_example(source: Source, config, global_batch: int, step: int,
+                       process_index: int, process_count: int) -> str | None:
+  """The first example of this process's share of global step `step` that the training
+  transform cannot decode, with the reason: "path: reason" (None if all decode)."""
+  local_batch = global_batch // process_count
+  steps = steps_per_epoch(source, global_batch)
+  epoch, step_in_epoch = divmod(step, steps)
+  order_seed = tf.constant([config.seed, epoch], tf.int64)
+  for row in range(local_batch):
+    position = step_in_epoch * global_batch + process_index * local_batch + row
+    index = tf.random.experimental.index_shuffle(tf.constant(position, tf.int64), order_seed,
+                                                 source.num_examples - 1)
+    try:
+      encoded, _ = source.read(index)
+      transforms.train_transform(encoded, tf.constant([0, 0], tf.int64), config)
+    except tf.errors.OpError as err:
+      where = (source.files[int(index)][0] if source.files is not None
+               else f"{source.name} example #{int(index)}")
+      return f"{where}: {err.message.strip().splitlines()[0]}"
+  return None
 
 
 def _pad(batch: dict, size: int) -> dict:

@@ -9,8 +9,10 @@ import json
 import logging as std_logging
 import math
 import os
+import shutil
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from spanet_jax.data import pipeline, preprocess, randaugment
 from spanet_jax.models import flops, pretrained, registry
-from spanet_jax.train import checkpoints, mesh, monitoring, schedules, steps
+from spanet_jax.train import checkpoints, mesh, monitoring, run_lock, schedules, steps
 
 
 def quiet_console(verbose: bool) -> None:
@@ -41,6 +43,12 @@ def log_to_file(workdir: str) -> None:
   log_file.setLevel(std_logging.INFO)
   std_logging.getLogger().addHandler(log_file)
 
+
+# The options that decide the parameters' shapes: a run resumed with other values could
+# not restore its checkpoints.
+ARCHITECTURE_KEYS = ("model", "model_overrides", "num_classes", "learnable_masks")
+# Path options, expanded like the shell expands them (~).
+PATH_KEYS = ("folder", "data_dir", "manual_dir", "init_from")
 
 # The options that shape the learning-rate schedule over the steps.
 SCHEDULE_KEYS = ("lr_schedule", "num_epochs", "warmup_epochs", "cooldown_epochs", "lr",
@@ -77,6 +85,17 @@ def check_data_order(workdir: str, config, num_examples: int, resuming: bool,
   elif write:
     with open(path, "w") as f:
       json.dump(order, f)
+
+
+def check_same_architecture(workdir: str, previous: dict, config) -> None:
+  """Stop, touching nothing, when the workdir's checkpoints hold another architecture."""
+  current = json.loads(config.to_json_best_effort())
+  changed = [f"{key} {json.dumps(previous[key])} -> {json.dumps(current[key])}"
+             for key in ARCHITECTURE_KEYS if key in previous and previous[key] != current[key]]
+  if changed:
+    raise ConfigError(
+        f"{workdir} holds a run of another model ({'; '.join(changed)}): its checkpoints "
+        "cannot be resumed with this config. Use the run's own values, or a new --workdir")
 
 
 class ConfigError(Exception):
@@ -159,6 +178,13 @@ def validate(config, num_devices: int) -> None:
     raise ConfigError(f"config.optimizer={config.optimizer!r}: use adamw or lamb")
   if not 0 <= config.head_dropout < 1:
     raise ConfigError(f"config.head_dropout={config.head_dropout} must be in [0, 1)")
+  overrides = config.model_overrides.to_dict()
+  for key in ("layers", "dims"):
+    value = overrides.get(key)
+    if value is not None and (not isinstance(value, (tuple, list)) or len(value) != 4 or not all(
+        isinstance(v, int) and v > 0 for v in value)):
+      raise ConfigError(f"config.model_overrides.{key}={value}: give four positive whole "
+                        "numbers, one per stage")
   try:
     model = registry.build_model(config.model, **steps.model_options(config))
   except ValueError as err:
@@ -175,12 +201,27 @@ def validate(config, num_devices: int) -> None:
 class MetricWriter:
   """Console, TensorBoard and metrics.jsonl, from process 0 only."""
 
-  def __init__(self, workdir: str, enabled: bool):
+  def __init__(self, workdir: str, enabled: bool, resumed_at: int | None = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
     if enabled:
+      if resumed_at is not None:
+        self._drop_rows_after(resumed_at)
       self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def _drop_rows_after(self, step: int) -> None:
+    """A resumed run logs again the steps after its checkpoint: one row per step."""
+    try:
+      with open(self.path) as f:
+        rows = f.readlines()
+    except FileNotFoundError:
+      return
+    kept = [row for row in rows if json.loads(row).get("step", 0) <= step]
+    if len(kept) != len(rows):
+      with open(self.path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(self.path + ".tmp", self.path)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -194,7 +235,103 @@ class MetricWriter:
     self.tb.flush()
 
 
-def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disable=too-many-locals,too-many-statements
+def expand_paths(config) -> None:
+  """~ in the config's paths, as the tools and the shell expand it."""
+  for key in PATH_KEYS:
+    if config[key]:
+      config[key] = os.path.expanduser(config[key])
+
+
+def start_cluster(cluster: Cluster | None) -> None:
+  if cluster is not None:
+    # CPU-only clusters (and the tests) need a collectives implementation; it is
+    # ignored on TPU and GPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=cluster.coordinator_address,
+                               num_processes=cluster.num_processes,
+                               process_id=cluster.process_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  train: pipeline.Source
+  eval: pipeline.Source
+  class_names: list[str] | None
+
+
+def load_data(config, process: int, processes: int) -> Data:
+  """The training and evaluation splits. Process 0 prepares the dataset (if it must be)
+  while the others wait; labels beyond config.num_classes stop the run here."""
+  try:
+    if process != 0:
+      multihost_utils.sync_global_devices("dataset prepared")
+    builder = pipeline.make_builder(config)
+    if process == 0 and processes > 1:
+      multihost_utils.sync_global_devices("dataset prepared")
+    classes = pipeline.dataset_num_classes(builder)
+    if classes is not None and classes > config.num_classes:
+      raise ConfigError(
+          f"config.num_classes={config.num_classes}, but the dataset has {classes} classes "
+          f"(labels 0..{classes - 1}): set --config.num_classes={classes}")
+    train = pipeline.make_source(builder, config.train_split)
+    names = pipeline.class_names(builder)
+    names = names if names and len(names) == config.num_classes else None
+    return Data(train, pipeline.make_source(builder, config.eval_split), names)
+  except pipeline.DataError as err:
+    raise ConfigError(str(err)) from None
+
+
+def initialise_from(state, config, optimizer, state_sharding):
+  """`state` with the parameters of config.init_from that fit, a fresh optimizer state
+  and EMA; refused when no parameter outside the head would come from it."""
+  try:
+    _, stored = pretrained.load_pretrained(config.init_from)
+  except pretrained.CheckpointError as err:
+    raise ConfigError(f"config.init_from: {err}") from None
+  params, report = pretrained.merge_pretrained(jax.device_get(state.params), stored["params"])
+  paths = ["/".join(str(k.key) for k in path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  loaded = [p for p in paths if p not in report.added]
+  if not [p for p in loaded if not p.startswith("head")] and not config.init_from_partial:
+    raise ConfigError(
+        f"config.init_from: none of the {len(paths)} parameters outside the head fit "
+        f"{config.init_from} (another architecture?): training would start from scratch. "
+        "Set --config.init_from_partial=True to accept that")
+  print(f"initialised {len(loaded)} of {len(paths)} parameters from {config.init_from}; "
+        f"{report}", flush=True)
+  params = jax.device_put(params, state_sharding.params)
+  return state.replace(
+      params=params,
+      opt_state=jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params),
+      ema_params=jax.tree.map(jnp.copy, params) if config.ema_decay > 0 else None)
+
+
+@dataclasses.dataclass
+class Run:
+  """What the parts of a run share once it is set up."""
+  config: Any
+  workdir: str
+  data: Data
+  model: Any
+  options: dict
+  partitioning: mesh.Partitioning
+  schedule: Any
+  optimizer: Any
+  state_sharding: Any
+  manager: Any
+  best_manager: Any
+  eval_data: preprocess.DataConfig
+  steps_per_epoch: int
+  total_steps: int
+  process: int
+  processes: int
+
+  def save(self, step: int, state) -> None:
+    checkpoints.record_checksums(self.manager, step, state, self.process == 0)
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def run(config, workdir: str, *, cluster: Cluster | None = None,
         verbose: bool = False) -> None:
   """Train `config`'s model in `workdir`, resuming from its newest intact checkpoint.
 
@@ -205,57 +342,71 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
     verbose: library log lines on the console too (they always go to train.log).
 
   Raises:
-    ConfigError: a mistake in the config, the data or the workdir (nothing written).
+    ConfigError: a mistake in the config, the data or the workdir (nothing written,
+      and a refused resume leaves the run's files as they were).
     LossNotFinite: the loss became NaN or infinite (nothing saved after it).
   """
   quiet_console(verbose)
   pretrained.ignore_failed_read_reports()
-
-  if cluster is not None:
-    # CPU-only clusters (and the tests) need a collectives implementation; it is
-    # ignored on TPU and GPU.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=cluster.coordinator_address,
-                               num_processes=cluster.num_processes,
-                               process_id=cluster.process_id)
+  start_cluster(cluster)
+  expand_paths(config)
   validate(config, jax.device_count())
   process, processes = jax.process_index(), jax.process_count()
-  workdir = os.path.abspath(workdir)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
   check_workdir(workdir)
-
-  # Data. Process 0 prepares the dataset (if it must be) while the others wait.
-  try:
-    if process != 0:
-      multihost_utils.sync_global_devices("dataset prepared")
-    builder = pipeline.make_builder(config)
-    if process == 0 and processes > 1:
-      multihost_utils.sync_global_devices("dataset prepared")
-    train_source = pipeline.make_source(builder, config.train_split)
-    names = pipeline.class_names(builder)
-    names = names if names and len(names) == config.num_classes else None
-    eval_source = pipeline.make_source(builder, config.eval_split)
-  except pipeline.DataError as err:
-    raise ConfigError(str(err)) from None
+  data = load_data(config, process, processes)
+  previous_config = read_previous_config(workdir)
+  if previous_config and os.path.isdir(os.path.join(workdir, "checkpoints")):
+    check_same_architecture(workdir, previous_config, config)
   # The workdir is made only once the data is known to be there: a mistake leaves nothing.
+  created = not os.path.exists(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as err:
     raise ConfigError(f"--workdir {workdir}: {err.strerror}") from None
-  log_to_file(workdir)
-  writer = MetricWriter(workdir, process == 0)
-  previous_config = read_previous_config(workdir)
+  lock = run_lock.RunLock(workdir)
+  try:
+    if process == 0:
+      try:
+        note = lock.acquire()
+      except run_lock.Locked as err:
+        raise ConfigError(str(err)) from None
+      if note:
+        print(note, flush=True)
+    try:
+      setup, state, resumed_at = set_up(config, workdir, data, previous_config, process,
+                                        processes)
+    except (ConfigError, KeyboardInterrupt):
+      if created:  # a fresh run refused before training: leave nothing behind
+        lock.release()
+        shutil.rmtree(workdir, ignore_errors=True)
+      raise
+    try:
+      train(setup, state, resumed_at)
+    finally:
+      setup.manager.close()
+      setup.best_manager.close()
+  finally:
+    lock.release()
+
+
+def set_up(config, workdir: str, data: Data, previous_config: dict, process: int,
+           processes: int):
+  """The model, optimizer, shardings and checkpoint managers, and the state: restored
+  from the newest intact checkpoint, or fresh (from config.init_from if given).
+
+  Returns:
+    (Run, state, the step resumed from or None).
+  """
   info = registry.model_info(config.model)
   crop_pct = config.crop_pct if config.crop_pct > 0 else info.crop_pct
   eval_data = preprocess.DataConfig(config.image_size, crop_pct, info.mean, info.std,
                                     info.interpolation)
-  eval_local_batch = (config.eval_batch_size or config.batch_size) // processes
-  steps_per_epoch = pipeline.steps_per_epoch(train_source, config.batch_size)
+  steps_per_epoch = pipeline.steps_per_epoch(data.train, config.batch_size)
   if steps_per_epoch == 0:
     raise ConfigError(f"config.batch_size={config.batch_size} exceeds the "
-                      f"{train_source.num_examples} training examples")
-  total_steps = schedules.total_epochs(config) * steps_per_epoch
-
-  # Model, optimizer, state: every sharding comes from `partitioning`.
+                      f"{data.train.num_examples} training examples")
+  # Every sharding comes from `partitioning`.
   partitioning = mesh.Partitioning.create(config.mesh_model)
   options = steps.model_options(config)
   model = registry.build_model(config.model, dtype=jnp.dtype(config.dtype), **options)
@@ -278,69 +429,98 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
       os.path.join(workdir, "best"),
       options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["eval/top1"],
                                            best_mode="max"))
-  latest = manager.latest_step()
-  check_data_order(workdir, config, train_source.num_examples, latest is not None,
-                   process == 0)
+  setup = Run(config, workdir, data, model, options, partitioning, schedule, optimizer,
+              state_sharding, manager, best_manager, eval_data, steps_per_epoch,
+              schedules.total_epochs(config) * steps_per_epoch, process, processes)
+  try:
+    latest = manager.latest_step()
+    check_data_order(workdir, config, data.train.num_examples, latest is not None,
+                     process == 0)
+    if latest is not None:
+      state, latest = restore(setup, abstract, previous_config)
+    else:
+      state = jax.jit(fresh_state, out_shardings=state_sharding)(
+          jax.random.PRNGKey(config.seed))
+      if config.init_from:
+        state = initialise_from(state, config, optimizer, state_sharding)
+  except BaseException:
+    manager.close()
+    best_manager.close()
+    raise
   if process == 0:  # after the checks: a refused resume keeps the run's own config
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  if latest is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sharding)
-    try:
-      state, latest = checkpoints.restore_newest_good(
-          manager, lambda step: manager.restore(step, args=ocp.args.StandardRestore(target)),
-          process == 0, lambda line: process == 0 and print(line, flush=True))
-    except checkpoints.NoGoodCheckpoint as err:
-      raise ConfigError(str(err)) from None
-    logging.info("resumed from step %d", latest)
-    print(f"resumed from {manager.directory} at step {latest}", flush=True)
-    changed = [f"{key} {previous_config[key]} -> {config[key]}" for key in SCHEDULE_KEYS
-               if key in previous_config and previous_config[key] != config[key]]
-    if changed and process == 0:
-      print(f"note: the learning-rate schedule differs from the run's before: "
-            f"{'; '.join(changed)}; it continues from step {latest} on the new schedule",
-            flush=True)
-  else:
-    state = jax.jit(fresh_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
-    if config.init_from:
-      try:
-        _, stored = pretrained.load_pretrained(config.init_from)
-      except pretrained.CheckpointError as err:
-        raise ConfigError(f"config.init_from: {err}") from None
-      params, report = pretrained.merge_pretrained(jax.device_get(state.params),
-                                                   stored["params"])
-      print(f"initialised from {config.init_from}; {report}", flush=True)
-      params = jax.device_put(params, state_sharding.params)
-      state = state.replace(params=params, opt_state=jax.jit(
-          optimizer.init, out_shardings=state_sharding.opt_state)(params),
-                            ema_params=(jax.tree.map(jnp.copy, params)  # its own buffers
-                                        if config.ema_decay > 0 else None))
+  return setup, state, latest
 
+
+def restore(setup: Run, abstract, previous_config: dict):
+  """(state, step) of the newest intact checkpoint; damaged ones are said and set aside."""
+  manager, primary = setup.manager, setup.process == 0
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, setup.state_sharding)
+  try:
+    state, latest = checkpoints.restore_newest_good(
+        manager, lambda step: manager.restore(step, args=ocp.args.StandardRestore(target)),
+        primary, lambda line: primary and print(line, flush=True))
+  except checkpoints.NoGoodCheckpoint as err:
+    raise ConfigError(str(err)) from None
+  logging.info("resumed from step %d", latest)
+  print(f"resumed from {manager.directory} at step {latest}", flush=True)
+  config = setup.config
+  changed = [f"{key} {previous_config[key]} -> {config[key]}" for key in SCHEDULE_KEYS
+             if key in previous_config and previous_config[key] != config[key]]
+  if changed and primary:
+    print(f"note: the learning-rate schedule differs from the run's before: "
+          f"{'; '.join(changed)}; it continues from step {latest} on the new schedule",
+          flush=True)
+  return state, latest
+
+
+def evaluate(setup: Run, eval_fn, state) -> dict:
+  """top-1 and top-5 over the evaluation split, every example once."""
+  params = state.ema_params if state.ema_params is not None else state.params
+  source, config = setup.data.eval, setup.config
+  local_batch = (config.eval_batch_size or config.batch_size) // setup.processes
+  totals = {"top1": 0.0, "top5": 0.0, "count": 0.0}
+  for local, _ in pipeline.eval_batches(source, setup.eval_data, local_batch, setup.process,
+                                        setup.processes, config.prefetch):
+    result = jax.device_get(eval_fn(params, mesh.global_batch(setup.partitioning, local)))
+    for key in totals:
+      totals[key] += float(result[key])
+  if int(totals["count"]) != source.num_examples:
+    raise RuntimeError(f"evaluated {totals['count']} of {source.num_examples} examples")
+  return {"eval/top1": totals["top1"] / totals["count"],
+          "eval/top5": totals["top5"] / totals["count"]}
+
+
+def save_final(setup: Run, state, step: int) -> str:
+  """The run's weights (EMA's if kept) as a pretrained directory, WORKDIR/final."""
+  final = os.path.join(setup.workdir, "final")
+  params = state.ema_params if state.ema_params is not None else state.params
+  params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+  pretrained.save_pretrained(final, setup.config.model, params,
+                             steps.described_options(setup.options),
+                             extra={"source": "train.py", "step": step,
+                                    "data": dataclasses.asdict(setup.eval_data),
+                                    "class_names": setup.data.class_names}, overwrite=True)
+  return final
+
+
+def train(setup: Run, state, resumed_at: int | None) -> None:  # pylint: disable=too-many-locals,too-many-statements
+  """The loop: steps, logs, evaluations, checkpoints, signals, and the final weights."""
+  config, workdir, manager = setup.config, setup.workdir, setup.manager
+  process, processes, partitioning = setup.process, setup.processes, setup.partitioning
+  steps_per_epoch, total_steps = setup.steps_per_epoch, setup.total_steps
+  info = registry.model_info(config.model)
+  log_to_file(workdir)
+  writer = MetricWriter(workdir, process == 0, resumed_at)
   train_fn = jax.jit(
-      lambda s, b: steps.train_step(s, b, model=model, optimizer=optimizer, config=config,
-                                      mean=info.mean, std=info.std),
-      in_shardings=(state_sharding, partitioning.batch),
-      out_shardings=(state_sharding, partitioning.replicated), donate_argnums=(0,))
-  eval_fn = jax.jit(lambda p, b: steps.eval_step(p, b, model=model),
+      lambda s, b: steps.train_step(s, b, model=setup.model, optimizer=setup.optimizer,
+                                    config=config, mean=info.mean, std=info.std),
+      in_shardings=(setup.state_sharding, partitioning.batch),
+      out_shardings=(setup.state_sharding, partitioning.replicated), donate_argnums=(0,))
+  eval_fn = jax.jit(lambda p, b: steps.eval_step(p, b, model=setup.model),
                     out_shardings=partitioning.replicated)
-
-  def evaluate(state) -> dict:
-    params = state.ema_params if state.ema_params is not None else state.params
-    totals = {"top1": 0.0, "top5": 0.0, "count": 0.0}
-    for local, _ in pipeline.eval_batches(eval_source, eval_data, eval_local_batch, process,
-                                      processes, config.prefetch):
-      result = jax.device_get(eval_fn(params, mesh.global_batch(partitioning, local)))
-      for key in totals:
-        totals[key] += float(result[key])
-    if int(totals["count"]) != eval_source.num_examples:
-      raise RuntimeError(f"evaluated {totals['count']} of {eval_source.num_examples} examples")
-    return {"eval/top1": totals["top1"] / totals["count"],
-            "eval/top5": totals["top5"] / totals["count"]}
-
-  def save(step: int, state) -> None:
-    checkpoints.record_checksums(manager, step, state, process == 0)
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   stop = {"signal": None}
 
@@ -354,16 +534,15 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
 
   step = int(jax.device_get(state.step))
   first_step = step
-  # The input pipeline and the checkpoint managers are closed on every way out: a tf.data
-  # iterator left to the interpreter's shutdown can wait forever (or abort) on its reads,
-  # which need Python to run, and so can the managers' background threads.
-  local_batches = pipeline.train_batches(train_source, config, config.batch_size, step,
+  # The input pipeline is closed on every way out: a tf.data iterator left to the
+  # interpreter's shutdown can wait forever (or abort) on its reads, which need Python.
+  local_batches = pipeline.train_batches(setup.data.train, config, config.batch_size, step,
                                          process, processes)
   batches = mesh.prefetch_to_device(local_batches, partitioning)
   devices = jax.device_count()
   throughput = monitoring.Throughput(
       config.batch_size, jax.devices(),
-      lambda: 3 * flops.model_flops(config.model, config.image_size, **options).total)
+      lambda: 3 * flops.model_flops(config.model, config.image_size, **setup.options).total)
   profiler = monitoring.Profiler(config.profile_steps, workdir)
   # Steps whose metrics are still on the devices: read at the next sync point (a log,
   # evaluation or checkpoint step, a signal, the end), never in between, so that the host
@@ -385,18 +564,31 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
             f"the loss became {loss} at step {at}; stopping without saving ({saved}): "
             "lower config.lr or set config.grad_clip, then restart.")
     pending.clear()
-    return {key: float(value) for key, value in values[-1].items()}
+    return {key: float(value) for key, value in values[-1].items()} if values else {}
+
+  def save_and_stop(step: int, reason: str) -> ConfigError:
+    """Save the state of `step` (its losses checked first) for a rerun to resume from."""
+    read_pending()
+    if manager.latest_step() != step:
+      setup.save(step, state)
+    manager.wait_until_finished()
+    return ConfigError(f"{reason}. The state of step {step} is saved in {manager.directory}: "
+                       "the same command resumes from it")
 
   try:
     print(f"training {config.model} on {config.folder or config.dataset}: "
-          f"{train_source.num_examples} images, {steps_per_epoch} steps/epoch, "
+          f"{setup.data.train.num_examples} images, {steps_per_epoch} steps/epoch, "
           f"{total_steps} steps, global batch {config.batch_size} on {devices} devices, "
           f"peak lr {schedules.peak_lr(config):.3g}", flush=True)
     print("compiling the training step...", flush=True)
     window_start, window_steps = time.perf_counter(), 0
     profiler.after_step(step, state)
     while step < total_steps:
-      state, metrics = train_fn(state, next(batches))
+      try:
+        batch = next(batches)
+      except pipeline.DataError as err:
+        raise save_and_stop(step, str(err)) from None
+      state, metrics = train_fn(state, batch)
       step += 1
       window_steps += 1
       pending.append((step, metrics))
@@ -406,14 +598,15 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
       epoch_end = step % steps_per_epoch == 0
       epoch = step // steps_per_epoch
       eval_now = (epoch_end and epoch % config.eval_every_epochs == 0) or step == total_steps
-      save_now = step % config.checkpoint_every_steps == 0 or step == total_steps
+      # Saved before the evaluation too: an evaluation that fails loses no training.
+      save_now = step % config.checkpoint_every_steps == 0 or eval_now
       stopping = stop["signal"] is not None
       if not (log_now or eval_now or save_now or stopping):
         continue
       latest_metrics = read_pending()
       if log_now:
         elapsed = time.perf_counter() - window_start
-        lr = float(schedule(max(step // config.grad_accum_steps - 1, 0)))
+        lr = float(setup.schedule(max(step // config.grad_accum_steps - 1, 0)))
         if first:  # its time is mostly compilation: no rate
           line, rates = f"  (first step; compiled in {elapsed:.0f} s)", {}
         else:
@@ -424,35 +617,30 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,  # pylint: disa
         writer.write(step, {"train/loss": latest_metrics["loss"], "train/lr": lr,
                             "train/grad_norm": latest_metrics["grad_norm"], **rates})
         window_start, window_steps = time.perf_counter(), 0
+      if save_now:
+        setup.save(step, state)
       if eval_now:
-        results = evaluate(state)
+        try:
+          results = evaluate(setup, eval_fn, state)
+        except pipeline.DataError as err:
+          raise save_and_stop(step, f"evaluation at step {step} failed: {err}") from None
         print(f"step {step} (epoch {epoch}): eval top-1 {results['eval/top1']:.4f}  "
               f"top-5 {results['eval/top5']:.4f}", flush=True)
         writer.write(step, results)
-        best_manager.save(step, args=ocp.args.StandardSave(state.params), metrics=results)
-      if save_now:
-        save(step, state)
+        setup.best_manager.save(step, args=ocp.args.StandardSave(state.params),
+                                metrics=results)
       if stopping:
         if not save_now:  # a signal right after a scheduled save: that save is the one
-          save(step, state)
+          setup.save(step, state)
         manager.wait_until_finished()
         print(f"received signal {stop['signal']}: saved step {step}, exiting", flush=True)
         return
       if eval_now or save_now:  # the window's rate leaves out evaluation and saving
         window_start, window_steps = time.perf_counter(), 0
     manager.wait_until_finished()
-    best_manager.wait_until_finished()
-    final = os.path.join(workdir, "final")
-    params = state.ema_params if state.ema_params is not None else state.params
-    params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
-    pretrained.save_pretrained(final, config.model, params, steps.described_options(options),
-                               extra={"source": "train.py", "step": step,
-                                      "data": dataclasses.asdict(eval_data),
-                                      "class_names": names}, overwrite=True)
-    print(f"done: weights in {final}", flush=True)
+    setup.best_manager.wait_until_finished()
+    print(f"done: weights in {save_final(setup, state, step)}", flush=True)
   finally:
     profiler.close()
     batches.close()
     local_batches.close()
-    manager.close()
-    best_manager.close()
