@@ -133,6 +133,7 @@ def main(argv=None) -> int:
   from spanet_jax.models import pretrained, registry  # pylint: disable=g-import-not-at-top
   from spanet_jax.tools import cli  # pylint: disable=g-import-not-at-top
 
+  pretrained.ignore_failed_read_reports()  # Orbax's threads' aftermath of a failed write
   try:
     if args.model is not None:
       registry.model_info(args.model)

@@ -18,7 +18,7 @@ import numpy as np
 from spanet_jax.convert import spanet_keys, spanetv2_keys
 from spanet_jax.convert.entries import (AS_IS, CONV, GROUPED, LINEAR, MASK, POINTWISE,
                                        VECTOR, ConversionError, Entry)
-from spanet_jax.models import registry, spectral
+from spanet_jax.models import pretrained, registry, spectral
 
 # The key table of each model family, by the family name the registry gives a model.
 KEY_TABLES = {table.FAMILY: table for table in (spanet_keys, spanetv2_keys)}
@@ -344,6 +344,8 @@ def save_state_dict_file(state_dict: Mapping[str, np.ndarray], path: str) -> Non
   try:
     torch.save(tensors, tmp)
     os.replace(tmp, path)
+  except (OSError, RuntimeError) as err:  # a full disk, a lost permission
+    raise ConversionError(pretrained.write_error(path, err)) from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

@@ -87,7 +87,8 @@ class Source:
   def read(self, index):
     """(encoded image bytes, int32 label) of example `index` (a scalar int64 tensor)."""
     if self.files is not None:
-      paths = tf.constant([path for path, _ in self.files] or [""], tf.string)
+      # As bytes: a file name need not be valid UTF-8.
+      paths = tf.constant([os.fsencode(path) for path, _ in self.files] or [b""], tf.string)
       labels = tf.constant([label for _, label in self.files] or [0], tf.int32)
       return tf.io.read_file(tf.gather(paths, index)), tf.gather(labels, index)
 
@@ -268,7 +269,8 @@ def eval_batches(source: Source, data_config: preprocess.DataConfig, local_batch
   else:  # positions count within the whole split
     names = [f"{source.name} #{i}" for i in indices]
   ds = tf.data.Dataset.from_tensor_slices(
-      (indices, tf.constant(names, tf.string) if names else tf.zeros((0,), tf.string)))
+      (indices, tf.constant([os.fsencode(n) for n in names], tf.string) if names
+       else tf.zeros((0,), tf.string)))
   ds = ds.map(lambda index, name: (*source.read(index), name))
   size = data_config.input_size
 
@@ -290,7 +292,7 @@ def eval_batches(source: Source, data_config: preprocess.DataConfig, local_batch
   num_batches = -(-per_process_max // local_batch)
   produced = 0
   for batch in tfds.as_numpy(ds):
-    names = [n.decode() for n in batch.pop("name")]
+    names = [os.fsdecode(n) for n in batch.pop("name")]
     failed = [n for n, ok in zip(names, batch.pop("ok")) if not ok]
     if failed:
       raise DataError(f"cannot decode {failed[0]} as an image"
@@ -315,7 +317,8 @@ def _eval_pixels(encoded: bytes, data_config: preprocess.DataConfig):
       pixels = preprocess.eval_pixels(rgb, data_config.input_size, data_config.crop_pct,
                                       data_config.interpolation)
       return pixels, np.bool_(True)
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, preprocess.ImageError):
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, preprocess.ImageError,
+          Image.DecompressionBombError):
     size = data_config.input_size
     return np.zeros((size, size, 3), np.uint8), np.bool_(False)
 

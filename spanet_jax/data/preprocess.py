@@ -34,6 +34,8 @@ def load_image(path: str):
   try:
     with Image.open(path) as image:
       return to_rgb(image)
+  except Image.DecompressionBombError as err:  # a few KB claiming gigapixels
+    raise ImageError(f"refusing {path}: {err}") from None
   except (UnidentifiedImageError, OSError, ValueError) as err:
     raise ImageError(f"cannot decode {path} as an image: {err}") from None
 

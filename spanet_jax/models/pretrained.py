@@ -8,7 +8,9 @@ into a temporary sibling and renamed into place, so a failed write leaves nothin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -62,20 +64,20 @@ def save_pretrained(directory: str, model_name: str, params: Mapping,
   parent = os.path.dirname(directory)
   staging = os.path.join(parent, f".{os.path.basename(directory)}.staging")
   host_params = jax.tree.map(np.asarray, dict(params))
-  if primary:
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(staging):
-      shutil.rmtree(staging)
-    os.makedirs(staging)
-    metadata = {"format_version": FORMAT_VERSION, "model": model_name,
-                "overrides": _jsonable(dict(overrides or {})),
-                **describe_model(info, overrides), **dict(extra or {}),
-                "param_digests": param_digests(host_params)}
-    with open(os.path.join(staging, METADATA_FILE), "w") as f:
-      json.dump(metadata, f, indent=2)
-  _sync("spanet_jax.save_pretrained: staging ready")
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
+    if primary:
+      os.makedirs(parent, exist_ok=True)
+      if os.path.exists(staging):
+        shutil.rmtree(staging)
+      os.makedirs(staging)
+      metadata = {"format_version": FORMAT_VERSION, "model": model_name,
+                  "overrides": _jsonable(dict(overrides or {})),
+                  **describe_model(info, overrides), **dict(extra or {}),
+                  "param_digests": param_digests(host_params)}
+      with open(os.path.join(staging, METADATA_FILE), "w") as f:
+        json.dump(metadata, f, indent=2)
+    _sync("spanet_jax.save_pretrained: staging ready")
+    with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(staging, PARAMS_DIR), host_params)
       checkpointer.wait_until_finished()
     _sync("spanet_jax.save_pretrained: params written")
@@ -89,10 +91,23 @@ def save_pretrained(directory: str, model_name: str, params: Mapping,
         shutil.rmtree(old)
       else:
         os.replace(staging, directory)
+  except (OSError, ValueError, RuntimeError) as err:  # a full disk, a lost permission
+    raise CheckpointError(write_error(directory, err)) from None
   finally:
     if primary and os.path.exists(staging):
       shutil.rmtree(staging)
   _sync("spanet_jax.save_pretrained: done")
+
+
+def write_error(path: str, err: BaseException) -> str:
+  """One line for a failed write of `path`: the disk is full, or the cause's first line."""
+  text = str(err)
+  if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or (
+      "os_error_code='28'" in text) or "unexpected pos" in text:
+    return f"cannot write {path}: no space left on the device; nothing was written"
+  if getattr(err, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+    return f"cannot write {path}: {err.strerror}; nothing was written"
+  return f"cannot write {path}: {text.strip().splitlines()[0] if text.strip() else type(err).__name__}"
 
 
 def param_digests(params: Mapping) -> dict[str, str]:
@@ -297,6 +312,19 @@ def _jsonable(value):
   if isinstance(value, (list, tuple)):
     return [_jsonable(v) for v in value]
   return value
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax logs a failed write as ERROR lines from its threads before raising it; the
+  caller reports the failure once, as one line."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def ignore_failed_read_reports() -> None:
