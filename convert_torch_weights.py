@@ -85,7 +85,8 @@ def to_flax(args) -> int:
 
   state_dict = convert.load_state_dict_file(args.input)
   name, overrides, params = convert.torch_to_flax(state_dict, args.model, args.learnable_masks)
-  print(f"read {args.input}: {name}, {len(state_dict)} tensors")
+  entry = f" (its {state_dict.entry!r} entry)" if getattr(state_dict, "entry", None) else ""
+  print(f"read {args.input}{entry}: {name}, {len(state_dict)} tensors")
   if args.verify:
     model = registry.build_model(name, **overrides)
     if not _report(verify.verify(model, {"params": params}, state_dict, args.verify_sizes, name)):

@@ -54,6 +54,7 @@ def export(args) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
+  from spanet_jax.models import pretrained  # pylint: disable=g-import-not-at-top
   from spanet_jax.tools import cli, export as exporting, inference  # pylint: disable=g-import-not-at-top
 
   if args.batch == "dynamic":
@@ -110,21 +111,24 @@ def export(args) -> int:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
         serve = tf.saved_model.load(saved).signatures["serving_default"]
         got = serve(images=tf.constant(images))["logits"].numpy()
-    if "cpu" in platforms:
+    # What this machine can run is checked; the rest is written as traced, and said so.
+    verified = [p for p in platforms if p == "cpu"]
+    if verified:
       error = exporting.compare(want, got)
       print(f"checked on random images: relative L2 difference {error:.2e} "
             f"(tolerance {TOLERANCE:g})", file=sys.stderr)
       if not error <= TOLERANCE:
         print("error: not written: the artifact disagrees with the model", file=sys.stderr)
         return 1
-    if os.path.exists(args.output):
-      if os.path.isdir(args.output):
-        shutil.rmtree(args.output)
-      else:
-        os.remove(args.output)
-    os.replace(artifact, args.output)
+    unverified = [p for p in platforms if p not in verified]
+    exporting.replace_output(artifact, args.output)
+  except OSError as err:  # a full disk, a lost permission
+    raise cli.UsageError(pretrained.write_error(args.output, err)) from None
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+  print(f"verified on: {', '.join(verified) or 'none'}"
+        + (f"; written unverified for {', '.join(unverified)} (not run on this machine)"
+           if unverified else ""), file=sys.stderr)
   print(f"wrote {args.output}")
   return 0
 

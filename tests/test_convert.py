@@ -301,3 +301,22 @@ def test_the_key_table_in_docs_is_the_converters():
                          "checkpoint_keys.md")) as f:
     assert f.read() == convert.key_table_markdown() + "\n", (
         "docs/checkpoint_keys.md is stale: regenerate it with the command at its top")
+
+
+def test_a_half_precision_checkpoint_converts_and_its_entry_is_named(tmp_path):
+  """fp16 weights (masks equal to the formula at half precision) convert; a file that
+  holds both a state_dict and its EMA says which it read; a directory is named as one."""
+  reference = tiny_reference()
+  half = {k: v.half() for k, v in reference.state_dict().items()}
+  pth = tmp_path / "half.pth"
+  torch.save({"state_dict": half, "state_dict_ema": half}, pth)
+  code, stdout, stderr = run_main(convert_torch_weights.main, "--input", pth, "--model", TINY,
+                                  "--output", tmp_path / "out")
+  assert code == 0, stderr
+  assert f"read {pth} (its 'state_dict' entry): {TINY}" in stdout
+  _, variables = spanet_jax.load_pretrained(str(tmp_path / "out"))
+  kernel = variables["params"]["head"]["kernel"]
+  np.testing.assert_array_equal(kernel, half["head.weight"].float().numpy().T)
+  code, _, stderr = run_main(convert_torch_weights.main, "--input", tmp_path, "--output",
+                             tmp_path / "again")
+  assert code == 2 and "is a directory: give the .pth file" in stderr

@@ -37,6 +37,7 @@ def test_stablehlo_artifact_runs_any_batch_on_every_platform_it_names(tiny, tmp_
   code, _, stderr = run_main(export.main, "--checkpoint", directory, "--format", "stablehlo",
                              "--output", out, "--size", 64, 64)
   assert code == 0, stderr
+  assert "verified on: cpu; written unverified for cuda, tpu" in stderr
   exported = jax.export.deserialize(bytearray(out.read_bytes()))
   assert exported.platforms == ("cpu", "cuda", "tpu")
   for batch in (1, 3):

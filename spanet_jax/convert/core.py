@@ -13,6 +13,7 @@ import os
 import re
 from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
 
 from spanet_jax.convert import spanet_keys, spanetv2_keys
@@ -64,17 +65,18 @@ def _torch_shape(flax_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
 # Reading what a checkpoint holds.
 
 
-def unwrap_state_dict(obj: Any) -> dict[str, np.ndarray]:
+def unwrap_state_dict(obj: Any) -> "StateDict":
   """The model's tensors from any container seen in the SPANet ecosystem, as numpy.
 
   Accepts a bare state_dict or one held under state_dict / model / state_dict_ema,
   with keys prefixed by `module.` (DDP) and/or `backbone.` (mmdet/mmseg, whose other
   parts -- neck, heads -- are dropped).
   """
+  entry = None
   if isinstance(obj, Mapping):
     for key in CONTAINER_KEYS:
       if isinstance(obj.get(key), Mapping):
-        obj = obj[key]
+        entry, obj = key, obj[key]
         break
   if not isinstance(obj, Mapping) or not obj:
     raise ConversionError("the file holds no state_dict (expected a dict of tensors, or one "
@@ -89,7 +91,16 @@ def unwrap_state_dict(obj: Any) -> dict[str, np.ndarray]:
   for prefix in STRIPPED_PREFIXES:
     if any(k.startswith(prefix) for k in tensors):
       tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-  return {k: _as_numpy(v) for k, v in tensors.items()}
+  return StateDict({k: _as_numpy(v) for k, v in tensors.items()}, entry)
+
+
+class StateDict(dict):
+  """official key -> numpy array, and which entry of the file's dict held it (None: the
+  file is the state_dict itself)."""
+
+  def __init__(self, tensors: Mapping[str, np.ndarray], entry: str | None = None):
+    super().__init__(tensors)
+    self.entry = entry
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -227,7 +238,10 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], model_name: str | None =
 def _check_mask(entry: Entry, stored: np.ndarray, size: int, radius: float) -> None:
   lamb = spectral.SPAM_LAMBDAS[entry.chunk]
   formula = spectral.centred_mask(size, size, radius, lamb)
-  if not np.array_equal(stored.astype(np.float32), formula):
+  # A half-precision checkpoint stores the formula rounded to its precision.
+  roundings = [formula] + [formula.astype(dtype).astype(np.float32)
+                           for dtype in (np.float16, ml_dtypes.bfloat16)]
+  if not any(np.array_equal(stored.astype(np.float32), r) for r in roundings):
     worst = float(np.max(np.abs(stored - formula)))
     raise ConversionError(
         f"{entry.torch_key} differs from SPANet's mask formula (radius {radius}, lambda "
@@ -307,6 +321,9 @@ def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
 
   import torch  # pylint: disable=g-import-not-at-top
 
+  if os.path.isdir(path):
+    raise ConversionError(f"{path} is a directory: give the .pth file (a converted "
+                          "checkpoint directory is what --to-torch reads)")
   if not os.path.isfile(path):
     raise ConversionError(f"no such file: {path}")
   try:

@@ -71,8 +71,8 @@ def check_writable(path: str) -> None:
 
 def refuse_output_over_input(output: str, flag: str, inputs) -> None:
   """Fail before any work if the output `output` (given as `flag`) is one of `inputs`
-  (files or directories), lies inside one, or contains one: writing it would replace or
-  delete the user's data."""
+  (files or directories) or contains one: writing it would replace or delete the
+  user's data."""
   target = os.path.realpath(os.path.expanduser(output))
   for given in inputs:
     if not given or str(given).startswith("init:"):
@@ -81,10 +81,9 @@ def refuse_output_over_input(output: str, flag: str, inputs) -> None:
     if target == source:
       raise UsageError(f"{flag} {output} is also an input ({given}); writing it would "
                        "replace it: give another path")
-    if os.path.commonpath([target, source]) in (source, target):
-      inside = target.startswith(source + os.sep)
-      raise UsageError(f"{flag} {output} {'lies inside' if inside else 'contains'} the input "
-                       f"{given}; writing it would change the input: give another path")
+    if source.startswith(target.rstrip(os.sep) + os.sep):
+      raise UsageError(f"{flag} {output} contains the input {given}; writing it would "
+                       "delete it: give another path")
 
 
 def refuse_replacing_non_json(output: str, flag: str) -> None:

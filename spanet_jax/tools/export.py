@@ -120,13 +120,20 @@ def _stderr_to_file():
         os.close(saved)
 
 
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif os.path.lexists(path):
+    os.remove(path)
+
+
 def _replace(staging: str, path: str) -> None:
-  if os.path.exists(path):
+  if os.path.lexists(path):
     old = path.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     os.replace(path, old)
     os.replace(staging, path)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
   else:
     os.replace(staging, path)
 
@@ -147,3 +154,12 @@ def compare(want: np.ndarray, got: np.ndarray) -> float:
   """Relative L2 difference of two logit arrays."""
   want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
   return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def replace_output(artifact: str, path: str) -> None:
+  """Move the finished `artifact` to `path`; an old output there is set aside first and
+  removed only once the new one is in place."""
+  if os.path.isdir(path) or os.path.isdir(artifact):
+    _replace(artifact, path)
+  else:
+    os.replace(artifact, path)
