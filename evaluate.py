@@ -88,7 +88,8 @@ def make_source(args, loaded):
   config = default.get_config()
   config.dataset, split = args.data.split(":", 1)
   config.data_dir, config.manual_dir = args.data_dir, args.manual_dir
-  builder = pipeline.make_builder(config)
+  builder = pipeline.make_builder(config, {"data_dir": "--data-dir", "manual_dir": "--manual-dir",
+                                           "folder": "--data DIR"})
   names = pipeline.class_names(builder)
   if names is not None and len(names) != loaded.num_classes:
     raise cli.UsageError(f"{args.data} has {len(names)} classes but the checkpoint's model "

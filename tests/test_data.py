@@ -4,6 +4,7 @@ batches, and evaluation counting."""
 
 import io
 import math
+import os
 
 import jax
 import numpy as np
@@ -247,3 +248,16 @@ def test_input_pipeline_benchmark_reports_its_json_line(tmp_path):
   assert result["image_shape"] == [8, 224, 224, 3] and result["steps_per_epoch"] == 3
   assert result["images_per_s"] > 0 and result["first_batch_s"] > 0
   assert result["peak_rss_mib"] > 100
+
+
+def test_missing_imagenet_names_one_folder_and_leaves_no_empty_folders(tmp_path):
+  config = default.get_config()
+  config.dataset, config.data_dir = "imagenet2012", str(tmp_path / "tfds")
+  with pytest.raises(pipeline.DataError) as raised:
+    pipeline.make_builder(config)
+  text = str(raised.value)
+  manual = os.path.join(str(tmp_path / "tfds"), "downloads", "manual")
+  assert f"its source files are not in {manual}" in text and "--config.manual_dir" in text
+  assert "\n" not in text and "instructions" not in text
+  left = [p for p in (tmp_path / "tfds").rglob("*")] if (tmp_path / "tfds").exists() else []
+  assert not [p for p in left if p.is_dir() and not any(p.iterdir())], left

@@ -568,3 +568,40 @@ def test_unknown_spanetv2_variant_is_named(tmp_path):
   assert result.returncode == 2
   assert "configs/spanetv2.py:s99: choose one of s18_pure" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def default_config_for(data_dir):
+  config = default.get_config()
+  config.dataset, config.data_dir = "sklearn_digits", str(data_dir)
+  return config
+
+
+@pytest.mark.slow
+def test_a_tfds_dataset_prepared_as_tfrecord_trains_and_resumes(tmp_path):
+  """TFDS's default format: train.py writes an ArrayRecord copy beside it once (the same
+  examples in the same order), trains, and a longer rerun resumes without copying again."""
+  import tensorflow as tf
+  from spanet_jax.data import pipeline
+  data_dir = tmp_path / "tfds"
+  builder = pipeline.SklearnDigits(data_dir=str(data_dir), file_format="tfrecord")
+  builder.download_and_prepare()
+  one_epoch = [FAST[0], "--config.num_epochs=1", "--config.log_every_steps=11",
+               "--config.checkpoint_every_steps=100", "--config.eval_every_epochs=1"]
+  first = run_train(tmp_path / "run", data_dir=str(data_dir), fast=one_epoch)
+  assert first.returncode == 0, why(first.stderr)
+  assert "is stored as tfrecord; writing an ArrayRecord copy beside it" in first.stdout
+  assert "step 22/22" in first.stdout
+
+  reopened = pipeline.make_builder(default_config_for(data_dir))
+  copy = reopened.as_data_source("train", file_format="array_record")
+  original = [r.numpy() for r in tf.data.TFRecordDataset(
+      sorted(str(p) for p in (data_dir / "sklearn_digits" / "1.1.0").glob("*train.tfrecord*")))]
+  assert len(copy) == len(original) == 1437
+  assert [copy[i]["label"] for i in range(5)] == [
+      tf.train.Example.FromString(r).features.feature["label"].int64_list.value[0]
+      for r in original[:5]]
+
+  again = run_train(tmp_path / "run", data_dir=str(data_dir))
+  assert again.returncode == 0, why(again.stderr)
+  assert "writing an ArrayRecord copy" not in again.stdout
+  assert "at step 22" in again.stdout and "step 44/44" in again.stdout

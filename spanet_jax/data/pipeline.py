@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from spanet_jax.data import preprocess, transforms
+from spanet_jax.data import conversion, preprocess, transforms
 
 
 def keep_tensorflow_off_accelerators() -> None:
@@ -101,7 +101,11 @@ class Source:
     return tf.ensure_shape(encoded, ()), tf.ensure_shape(label, ())
 
 
-def make_builder(config):
+TRAIN_FLAGS = {"data_dir": "--config.data_dir", "manual_dir": "--config.manual_dir",
+               "folder": "--config.folder"}
+
+
+def make_builder(config, flags: dict[str, str] = TRAIN_FLAGS):
   """The dataset `config` names: a FolderTree for `config.folder`, else a TFDS builder
   (prepared as ArrayRecord on first use)."""
   keep_tensorflow_off_accelerators()
@@ -113,27 +117,57 @@ def make_builder(config):
     train = os.path.join(config.folder, config.train_split)
     return FolderTree(config.folder, tuple(folder_classes(train)), config.train_split)
   if config.dataset == "sklearn_digits":
-    builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
-    return builder
+    make = lambda **kw: SklearnDigits(data_dir=data_dir, **kw)
+  else:
+    make = lambda **kw: tfds.builder(config.dataset, data_dir=data_dir, **kw)
   try:
-    builder = tfds.builder(config.dataset, data_dir=data_dir, file_format="array_record")
+    try:
+      builder = make(file_format="array_record")
+    except ValueError as err:  # prepared earlier in another format (TFDS's default: TFRecord)
+      if "file format is already set" not in str(err).lower():
+        raise
+      builder = make()
   except tfds.core.registered.DatasetNotFoundError as err:
     raise DataError(f"TFDS has no dataset {config.dataset!r}: {str(err).splitlines()[0]}") from None
   if not builder.is_prepared():
-    manual_dir = config.manual_dir or None
+    prepare(builder, config, flags)
+  if not conversion.has_array_record(builder.info):
     try:
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    except (AssertionError, FileNotFoundError, OSError, ValueError) as err:
-      where = manual_dir or os.path.join(builder.data_dir, "..", "downloads", "manual")
+      conversion.add_array_record_copy(builder)
+    except OSError as err:
       raise DataError(
-          f"dataset {config.dataset!r} is not prepared and could not be prepared: "
-          f"{str(err).strip().splitlines()[0]}. For imagenet2012, download "
-          f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org and put "
-          f"them in {os.path.normpath(where)} (or pass --config.manual_dir), or point "
-          f"--config.folder at a train/<class>/ val/<class>/ tree.") from None
+          f"{builder.info.name} in {builder.data_dir} is stored as TFRecord and an "
+          f"ArrayRecord copy cannot be written beside it ({err}): copy the dataset to a "
+          f"writable directory and pass it as {flags['data_dir']}") from None
   return builder
+
+
+def prepare(builder, config, flags: dict[str, str]) -> None:
+  """Download and prepare `builder`'s dataset; a dataset that needs files the user must
+  download (ImageNet) is one message naming the folder, leaving no empty folders."""
+  if isinstance(builder, SklearnDigits):
+    builder.download_and_prepare()
+    return
+  root = builder._data_dir_root  # pylint: disable=protected-access
+  manual_dir = config.manual_dir or os.path.join(root, "downloads", "manual")
+  existed = set(_directories(root))
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except (AssertionError, FileNotFoundError, OSError, ValueError):
+    for directory in sorted(set(_directories(root)) - existed, key=len, reverse=True):
+      if not os.listdir(directory):  # created by this attempt, still empty
+        os.rmdir(directory)
+    raise DataError(
+        f"dataset {config.dataset!r} is not prepared and its source files are not in "
+        f"{manual_dir}. For imagenet2012, download ILSVRC2012_img_train.tar and "
+        f"ILSVRC2012_img_val.tar from image-net.org into that folder (or pass another "
+        f"with {flags['manual_dir']}), or give a class-per-folder tree "
+        f"(<dir>/train/<class>/, <dir>/val/<class>/) with {flags['folder']}") from None
+
+
+def _directories(root: str) -> list[str]:
+  return [path for path, _, _ in os.walk(root)] if os.path.isdir(root) else []
 
 
 def class_names(builder) -> list[str] | None:
@@ -167,10 +201,8 @@ def make_source(builder, split: str) -> Source:
   if not any(str(getattr(f, "value", f)) == "array_record" for f in formats):
     raise DataError(
         f"{builder.info.name} in {builder.data_dir} is stored as "
-        f"{getattr(builder.info.file_format, 'value', builder.info.file_format)}; training "
-        f"reads examples by index, which needs ArrayRecord. Convert it once with: tfds "
-        f"convert_format --dataset_version_dir={builder.data_dir} "
-        f"--out_file_format=array_record")
+        f"{getattr(builder.info.file_format, 'value', builder.info.file_format)} only; "
+        "examples are read by index, which needs ArrayRecord (make_builder writes a copy)")
   supervised = builder.info.supervised_keys
   image_key, label_key = supervised if supervised else ("image", "label")
   records = builder.as_data_source(split, decoders={image_key: tfds.decode.SkipDecoding()},
