@@ -605,3 +605,52 @@ def test_a_tfds_dataset_prepared_as_tfrecord_trains_and_resumes(tmp_path):
   assert again.returncode == 0, why(again.stderr)
   assert "writing an ArrayRecord copy" not in again.stdout
   assert "at step 22" in again.stdout and "step 44/44" in again.stdout
+
+
+def test_recipe_warnings_name_settings_that_make_no_sense_for_the_data():
+  config = default.get_config()
+  config.batch_size, config.num_epochs, config.warmup_epochs = 2, 2, 5
+  warnings = loop_module().recipe_warnings(config, steps_per_epoch=40, num_classes=4)
+  assert any("peak learning rate is 2e-06" in w and "lr_base_batch" in w for w in warnings)
+  assert any("warmup_epochs=5 is not below config.num_epochs=2" in w for w in warnings)
+  assert any("log_every_steps=50 is longer than an epoch (40 steps)" in w for w in warnings)
+  assert any("top-5 is always 100% with 4 classes" in w for w in warnings)
+  config = default.get_config()
+  assert loop_module().recipe_warnings(config, steps_per_epoch=1251, num_classes=1000) == []
+
+
+def loop_module():
+  from spanet_jax.train import loop
+  return loop
+
+
+@pytest.mark.slow
+def test_finetune_config_adapts_trained_weights_to_a_new_class_set(tmp_path, finished_run):
+  """configs/finetune.py from the demo run's weights (10 digits) to 4 of the digits in a
+  class-per-folder set: a sensible accuracy within a few epochs, no recipe warning."""
+  from PIL import Image
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  root = tmp_path / "four"
+  kept = [i for i, label in enumerate(digits.target) if label in (0, 3, 5, 8)][:320]
+  for number, index in enumerate(kept):
+    split = "val" if number % 5 == 0 else "train"
+    path = root / split / f"digit_{digits.target[index]}"
+    path.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.uint8(digits.images[index] * 15)).convert("RGB").save(
+        path / f"{index}.png")
+  workdir = tmp_path / "finetuned"
+  env = {**os.environ, "PYTHONPATH": REPO}
+  result = subprocess.run(
+      [sys.executable, "train.py", "--config", "configs/finetune.py", "--workdir",
+       str(workdir), f"--config.init_from={finished_run[0]}",  # the workdir: its final/
+       f"--config.folder={root}", "--config.num_classes=4", "--config.num_epochs=8",
+       "--config.image_size=32", "--config.crop_pct=1.0", "--config.hflip=0.0"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, why(result.stderr)
+  assert "model from" in result.stdout and "spanet_s" in result.stdout
+  assert "initialised" in result.stdout and "newly initialised: head/bias, head/kernel" \
+      in result.stdout
+  assert "warning: the peak learning rate" not in result.stdout
+  final = [r for r in metrics(workdir) if "eval/top1" in r][-1]
+  assert final["eval/top1"] >= 0.8, final  # 0.875 on the test machine

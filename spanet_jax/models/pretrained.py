@@ -155,6 +155,15 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def checkpoint_directory(directory: str) -> str:
+  """`directory`, or the final weights of a finished train.py workdir given instead."""
+  final = os.path.join(directory, "final")
+  if (not os.path.isfile(os.path.join(directory, METADATA_FILE))
+      and os.path.isfile(os.path.join(final, METADATA_FILE))):
+    return final
+  return directory
+
+
 def read_metadata(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, METADATA_FILE)
   if not os.path.isdir(directory):
@@ -237,7 +246,8 @@ def load_pretrained(directory: str, *, rng: jax.Array | None = None,
   `return_report=True`).
 
   Args:
-    directory: a pretrained directory (`spanet.json` and `params/`).
+    directory: a pretrained directory (`spanet.json` and `params/`), or a finished
+      train.py workdir (its `final/` weights).
     rng: key for the parameters that must be initialised (default PRNGKey(0)).
     return_report: also return the MergeReport.
     **overrides: create_model options on top of those stored with the weights.
@@ -245,6 +255,7 @@ def load_pretrained(directory: str, *, rng: jax.Array | None = None,
   Returns:
     (model, {"params": params}), or (model, variables, MergeReport) with return_report.
   """
+  directory = checkpoint_directory(directory)
   metadata = read_metadata(directory)
   name = metadata["model"]
   try:

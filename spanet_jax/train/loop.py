@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
@@ -198,6 +199,28 @@ def validate(config, num_devices: int) -> None:
                       f"{str(err).splitlines()[0]}") from None
 
 
+def recipe_warnings(config, steps_per_epoch: int, num_classes: int | None) -> list[str]:
+  """Settings that run but whose numbers make little sense for this data (a recipe meant
+  for ImageNet on a small dataset, typically): one line each."""
+  warnings = []
+  peak = schedules.peak_lr(config)
+  if peak < 1e-5:
+    warnings.append(
+        f"the peak learning rate is {peak:.2g} (config.lr {config.lr:g} x "
+        f"{config.batch_size * config.grad_accum_steps} images per update / lr_base_batch "
+        f"{config.lr_base_batch}): too small to learn much; set --config.lr_base_batch to "
+        "the batch size for an absolute lr, or use configs/finetune.py")
+  if config.warmup_epochs >= config.num_epochs:
+    warnings.append(f"config.warmup_epochs={config.warmup_epochs} is not below "
+                    f"config.num_epochs={config.num_epochs}: the run never leaves warm-up")
+  if config.log_every_steps > steps_per_epoch:
+    warnings.append(f"config.log_every_steps={config.log_every_steps} is longer than an "
+                    f"epoch ({steps_per_epoch} steps): few progress lines")
+  if num_classes is not None and num_classes <= 5:
+    warnings.append(f"top-5 is always 100% with {num_classes} classes")
+  return warnings
+
+
 class MetricWriter:
   """Console, TensorBoard and metrics.jsonl, from process 0 only."""
 
@@ -235,6 +258,27 @@ class MetricWriter:
     self.tb.flush()
 
 
+# Options saved with weights that are config keys of their own, or set by the data.
+_OWN_KEYS = ("num_classes", "learnable_masks", "head_dropout", "drop_path_rate", "remat")
+
+
+def adopt_init_from_model(config) -> None:
+  """config.model = "" with config.init_from: the checkpoint's model and architecture
+  (configs/finetune.py), so that fine-tuning needs only the checkpoint and the data."""
+  if config.model or not config.init_from:
+    return
+  try:
+    metadata = pretrained.read_metadata(pretrained.checkpoint_directory(config.init_from))
+  except pretrained.CheckpointError as err:
+    raise ConfigError(f"config.init_from: {err}") from None
+  config.model = metadata["model"]
+  config.model_overrides = ml_collections.ConfigDict(
+      {k: tuple(v) if isinstance(v, list) else v for k, v in metadata["overrides"].items()
+       if k not in _OWN_KEYS})
+  print(f"model from {config.init_from}: {config.model} "
+        f"{config.model_overrides.to_dict() or ''}".rstrip(), flush=True)
+
+
 def expand_paths(config) -> None:
   """~ in the config's paths, as the tools and the shell expand it."""
   for key in PATH_KEYS:
@@ -257,6 +301,7 @@ class Data:
   train: pipeline.Source
   eval: pipeline.Source
   class_names: list[str] | None
+  num_classes: int | None  # as the dataset states it
 
 
 def load_data(config, process: int, processes: int) -> Data:
@@ -276,7 +321,7 @@ def load_data(config, process: int, processes: int) -> Data:
     train = pipeline.make_source(builder, config.train_split)
     names = pipeline.class_names(builder)
     names = names if names and len(names) == config.num_classes else None
-    return Data(train, pipeline.make_source(builder, config.eval_split), names)
+    return Data(train, pipeline.make_source(builder, config.eval_split), names, classes)
   except pipeline.DataError as err:
     raise ConfigError(str(err)) from None
 
@@ -350,6 +395,7 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,
   pretrained.ignore_failed_read_reports()
   start_cluster(cluster)
   expand_paths(config)
+  adopt_init_from_model(config)
   validate(config, jax.device_count())
   process, processes = jax.process_index(), jax.process_count()
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -575,6 +621,9 @@ def train(setup: Run, state, resumed_at: int | None) -> None:  # pylint: disable
     return ConfigError(f"{reason}. The state of step {step} is saved in {manager.directory}: "
                        "the same command resumes from it")
 
+  if process == 0:
+    for line in recipe_warnings(config, steps_per_epoch, setup.data.num_classes):
+      print(f"warning: {line}", flush=True)
   try:
     print(f"training {config.model} on {config.folder or config.dataset}: "
           f"{setup.data.train.num_examples} images, {steps_per_epoch} steps/epoch, "
