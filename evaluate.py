@@ -79,6 +79,13 @@ def make_source(args, loaded):
   from spanet_jax.tools import cli  # pylint: disable=g-import-not-at-top
 
   if os.path.isdir(args.data):
+    for split in ("val", "validation"):  # train.py's root: score its validation split
+      if (os.path.isdir(os.path.join(args.data, split))
+          and os.path.isdir(os.path.join(args.data, "train"))):
+        args.data = os.path.join(args.data, split)
+        print(f"--data is a train/ and {split}/ tree: evaluating {args.data}",
+              file=sys.stderr)
+        break
     class_index, rule = folder_class_index(pipeline.folder_classes(args.data), loaded)
     return pipeline.folder_source(args.data, class_index), {"by": rule, "folders": class_index}
   if ":" not in args.data:
@@ -166,4 +173,7 @@ def evaluate(args) -> int:
 
 
 if __name__ == "__main__":
+  # TensorFlow's start-up notices (C++ INFO lines, oneDNN's) off the console.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   sys.exit(main())

@@ -10,13 +10,17 @@ SavedModel whose `serving_default` signature takes `images` (float32 NHWC) and r
 `logits`, runnable from TensorFlow alone (TF Serving). tflite: converted from such a
 SavedModel (fixed batch, default 1). Images are prepared as for predict.py (the model's
 metadata: resize, centre crop, normalise). Every artifact is run on random images and
-compared with the JAX model before it is kept. Exit status: 0 done, 1 the artifact
+compared with the JAX model before it is kept. Beside the artifact, OUTPUT.json
+describes its input: size, how images are resized and cropped, mean and std (the
+artifact takes normalised images), class names, and the platforms it was checked on.
+Exit status: 0 done, 1 the artifact
 disagrees with the model (nothing kept), 2 bad input (nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -34,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="a converted checkpoint, a train.py workdir, or init:MODEL")
   parser.add_argument("--format", required=True, choices=FORMATS)
   parser.add_argument("--output", required=True, help="file (stablehlo, tflite) or directory")
-  parser.add_argument("--batch", default="dynamic", help="a batch size, or dynamic (default)")
+  parser.add_argument("--batch-size", "--batch", dest="batch", default="dynamic",
+                      help="a batch size, or dynamic (default)")
   parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
                       help="input height and width (default: the model's input size)")
   parser.add_argument("--platforms", default=None,
@@ -121,11 +126,17 @@ def export(args) -> int:
         print("error: not written: the artifact disagrees with the model", file=sys.stderr)
         return 1
     unverified = [p for p in platforms if p not in verified]
+    contract = exporting.preprocessing_contract(
+        loaded, args.format, size, batch, verified, unverified)
+    contract_path = exporting.contract_path(args.output)
+    cli.write_atomically(os.path.join(staging, "contract.json"), json.dumps(contract, indent=2))
     exporting.replace_output(artifact, args.output)
+    os.replace(os.path.join(staging, "contract.json"), contract_path)
   except OSError as err:  # a full disk, a lost permission
     raise cli.UsageError(pretrained.write_error(args.output, err)) from None
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+  print(f"preprocessing described in {contract_path}", file=sys.stderr)
   print(f"verified on: {', '.join(verified) or 'none'}"
         + (f"; written unverified for {', '.join(unverified)} (not run on this machine)"
            if unverified else ""), file=sys.stderr)
@@ -134,4 +145,7 @@ def export(args) -> int:
 
 
 if __name__ == "__main__":
+  # TensorFlow's start-up notices (C++ INFO lines, oneDNN's) off the console.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   sys.exit(main())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -26,7 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="a converted checkpoint, a train.py workdir, or init:MODEL")
   parser.add_argument("--top-k", type=int, default=5, help="classes shown per image")
   parser.add_argument("--batch-size", type=int, default=16)
-  parser.add_argument("--json", default=None, help="also write the predictions to this file")
+  parser.add_argument("--output", "--json", dest="json", default=None,
+                      help="also write the predictions to this JSON file")
   return parser.parse_args(argv)
 
 
@@ -72,4 +74,7 @@ def predict(args) -> int:
 
 
 if __name__ == "__main__":
+  # TensorFlow's start-up notices (C++ INFO lines, oneDNN's) off the console.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   sys.exit(main())

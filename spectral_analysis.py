@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="also use the colour photographs that ship with scikit-image")
   parser.add_argument("--max-images", type=int, default=256)
   parser.add_argument("--batch-size", type=int, default=16)
-  parser.add_argument("--out", required=True, help="the figure (.png, .pdf or .svg)")
+  parser.add_argument("--output", "--out", dest="out", required=True,
+                      help="the figure (.png, .pdf or .svg)")
   parser.add_argument("--csv", default=None, help="the numbers (default: --out with .csv)")
   return parser.parse_args(argv)
 
@@ -137,4 +138,7 @@ def analyse(args) -> int:
 
 
 if __name__ == "__main__":
+  # TensorFlow's start-up notices (C++ INFO lines, oneDNN's) off the console.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   sys.exit(main())

@@ -109,6 +109,27 @@ def exit_now(code: int) -> None:
   os._exit(code)  # pylint: disable=protected-access
 
 
+# The other tools' spellings, accepted here too.
+ALIASES = {"--batch-size": "--config.batch_size", "--output": "--workdir",
+           "--checkpoint": "--config.init_from"}
+
+
+def with_aliases(argv: list[str]) -> list[str]:
+  """argv with --batch-size N, --output DIR and --checkpoint DIR (and their =forms)
+  spelled as train.py's own flags."""
+  out, args = [], iter(argv)
+  for arg in args:
+    name, equals, value = arg.partition("=")
+    if name in ALIASES:
+      out.append(f"{ALIASES[name]}={value if equals else next(args, '')}")
+    else:
+      out.append(arg)
+  return out
+
+
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up lines
-  app.run(main, flags_parser=parse_flags)
+  # oneDNN's start-up notice comes before that setting is read; the input pipeline runs
+  # no oneDNN kernels.
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  app.run(main, argv=with_aliases(sys.argv), flags_parser=parse_flags)

@@ -53,3 +53,24 @@ def test_out_indices_select_stages_of_a_dense_backbone():
   assert [i["num_chs"] for i in picked.feature_info] == [16, 32]
   with pytest.raises(ValueError, match=r"out_indices=\(4,\)"):
     full.clone(out_indices=(4,)).init(jax.random.PRNGKey(0), images)
+
+
+def test_the_tools_share_one_vocabulary(tmp_path):
+  """--batch-size and --output mean the same in every tool (older spellings still work)."""
+  import predict
+  import spectral_analysis
+  import train
+  from conftest import run_main
+  from spanet_jax.data import preprocess
+  photo = preprocess.sample_photo_paths()[0]
+  code, _, stderr = run_main(predict.main, photo, "--checkpoint", f"init:{TINY}",
+                             "--batch-size", 2, "--output", tmp_path / "p.json")
+  assert code == 0 and (tmp_path / "p.json").is_file(), stderr
+  code, _, stderr = run_main(spectral_analysis.main, "--checkpoint", f"init:{TINY}",
+                             "--images", photo, "--batch-size", 2,
+                             "--output", tmp_path / "s.png")
+  assert code == 0 and (tmp_path / "s.png").is_file(), stderr
+  assert train.with_aliases(["train.py", "--batch-size", "8", "--output=/w",
+                             "--checkpoint", "ck", "--config.lr=1"]) == [
+      "train.py", "--config.batch_size=8", "--workdir=/w", "--config.init_from=ck",
+      "--config.lr=1"]

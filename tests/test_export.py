@@ -1,6 +1,8 @@
 """export.py: StableHLO, TensorFlow SavedModel and TFLite artifacts give the JAX model's
 logits; formulations follow the target platforms; bad input is one line."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import tensorflow as tf
 import export
 import spanet_jax
 from conftest import TINY, run_main
+from spanet_jax.models import registry
 from spanet_jax.ops import platform
 from spanet_jax.tools import export as exporting
 
@@ -38,6 +41,12 @@ def test_stablehlo_artifact_runs_any_batch_on_every_platform_it_names(tiny, tmp_
                              "--output", out, "--size", 64, 64)
   assert code == 0, stderr
   assert "verified on: cpu; written unverified for cuda, tpu" in stderr
+  contract = json.loads((tmp_path / "tiny.stablehlo.json").read_text())
+  assert contract["input"]["shape"] == [None, 64, 64, 3] and contract["input"]["normalised"]
+  assert contract["preprocessing"]["mean"] == list(registry.model_info(TINY).mean)
+  assert contract["preprocessing"]["resize_shorter_side_to"] == 71  # floor(64 / 0.9)
+  assert len(contract["class_names"]) == 10 and contract["platforms_verified"] == ["cpu"]
+  assert contract["platforms_unverified"] == ["cuda", "tpu"]
   exported = jax.export.deserialize(bytearray(out.read_bytes()))
   assert exported.platforms == ("cpu", "cuda", "tpu")
   for batch in (1, 3):
@@ -51,6 +60,7 @@ def test_savedmodel_serves_images_to_logits_from_tensorflow_alone(tiny, tmp_path
   code, _, stderr = run_main(export.main, "--checkpoint", directory, "--format", "savedmodel",
                              "--output", out, "--size", 64, 64)
   assert code == 0, stderr
+  assert json.loads((tmp_path / "saved.json").read_text())["format"] == "savedmodel"
   serve = tf.saved_model.load(str(out)).signatures["serving_default"]
   for batch in (1, 4):
     x = images(batch)
@@ -62,8 +72,11 @@ def test_tflite_artifact_gives_the_logits(tiny, tmp_path):
   directory, model, variables = tiny
   out = tmp_path / "tiny.tflite"
   code, _, stderr = run_main(export.main, "--checkpoint", directory, "--format", "tflite",
-                             "--output", out, "--size", 64, 64, "--batch", 2)
+                             "--output", out, "--size", 64, 64, "--batch-size", 2)
   assert code == 0, stderr
+  assert "Warning" not in stderr and "deprecated" not in stderr  # TensorFlow's notices
+  assert json.loads((tmp_path / "tiny.tflite.json").read_text())["input"]["shape"] == [
+      2, 64, 64, 3]
   x = images(2)
   assert exporting.compare(logits(model, variables, x), exporting.run_tflite(str(out), x)) <= 1e-5
 

@@ -6,10 +6,12 @@ TensorFlow SavedModel (jax2tf), traced with the formulations of the target platf
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pathlib
 import shutil
 import tempfile
+import warnings
 from typing import Sequence
 
 import jax
@@ -98,7 +100,9 @@ def run_tflite(path: str, images: np.ndarray) -> np.ndarray:
   """Logits of a TFLite artifact on `images` (its batch), through TensorFlow's interpreter."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  interpreter = tf.lite.Interpreter(model_path=path)
+  with warnings.catch_warnings():  # its deprecation notice, five lines on the console
+    warnings.simplefilter("ignore", UserWarning)
+    interpreter = tf.lite.Interpreter(model_path=path)
   interpreter.allocate_tensors()
   interpreter.set_tensor(interpreter.get_input_details()[0]["index"], images)
   interpreter.invoke()
@@ -163,3 +167,29 @@ def replace_output(artifact: str, path: str) -> None:
     _replace(artifact, path)
   else:
     os.replace(artifact, path)
+
+
+def contract_path(output: str) -> str:
+  """Where the preprocessing description of an artifact goes: OUTPUT.json beside it."""
+  return output.rstrip("/") + ".json"
+
+
+def preprocessing_contract(loaded, artifact_format: str, size, batch, verified,
+                           unverified) -> dict:
+  """What a server must do to an image before the artifact sees it, and what it gets."""
+  data = loaded.data
+  return {
+      "model": loaded.name, "checkpoint": loaded.path, "format": artifact_format,
+      "input": {"name": "images", "dtype": "float32", "layout": "NHWC",
+                "shape": [batch, size[0], size[1], 3],
+                "normalised": True,
+                "how": "RGB pixels / 255, minus mean, divided by std, per channel"},
+      "preprocessing": {"resize_shorter_side_to": math.floor(min(size) / data.crop_pct),
+                        "interpolation": data.interpolation, "center_crop": list(size),
+                        "crop_pct": data.crop_pct, "input_size": data.input_size,
+                        "mean": list(data.mean), "std": list(data.std)},
+      "output": {"name": "logits", "shape": [batch, loaded.num_classes],
+                 "softmax": "not applied"},
+      "class_names": list(loaded.class_names),
+      "platforms_verified": list(verified), "platforms_unverified": list(unverified),
+  }
