@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import os
 import sys
@@ -35,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--sample-images", action="store_true",
                       help="also use the colour photographs that ship with scikit-image")
   parser.add_argument("--max-images", type=int, default=256)
+  parser.add_argument("--image-size", type=int, default=None,
+                      help="input size to analyse at (default: each model's own)")
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--output", "--out", dest="out", required=True,
                       help="the figure (.png, .pdf or .svg)")
@@ -92,6 +95,9 @@ def analyse(args) -> int:
     raise cli.UsageError(f"{len(labels)} --label for {len(args.checkpoint)} --checkpoint")
   if args.max_images < 1 or args.batch_size < 1:
     raise cli.UsageError("--max-images and --batch-size must be positive")
+  if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
+    raise cli.UsageError(f"--image-size {args.image_size}: use a multiple of 32 (the "
+                         "backbone's stride), at least 32")
   if os.path.splitext(args.out)[1].lower() not in (".png", ".pdf", ".svg"):
     raise cli.UsageError(f"--out {args.out}: use a .png, .pdf or .svg file name")
   csv_path = args.csv or os.path.splitext(args.out)[0] + ".csv"
@@ -100,15 +106,21 @@ def analyse(args) -> int:
     cli.check_writable(path)
   paths = image_paths(args)
   pictures = [preprocess.load_image(p) for p in paths]  # a bad file fails before any work
-  results, rows = {}, []
+  results, rows, sizes = {}, [], set()
   for number, checkpoint in enumerate(args.checkpoint):
     loaded = inference.load(checkpoint)
     label = labels[number] if labels else default_label(loaded)
     if label in results:
       label = f"{label} #{number + 1}"
-    images = [loaded.data.transform(p) for p in pictures]
-    print(f"{label}: {len(images)} images at {loaded.data.input_size}px", file=sys.stderr,
-          flush=True)
+    data = dataclasses.replace(loaded.data, input_size=args.image_size or loaded.data.input_size)
+    sizes.add(data.input_size)
+    images = [data.transform(p) for p in pictures]
+    last = data.input_size // 32
+    if last < 4:
+      print(f"warning: at {data.input_size}px the last stage's maps are {last}x{last}: too "
+            "few frequencies for a profile; use --image-size 128 or more", file=sys.stderr)
+    print(f"{label}: {len(images)} images at {data.input_size}px (compiling the model first)",
+          file=sys.stderr, flush=True)
     spectra = frequency_analysis.analyse(
         loaded.model, loaded.variables, np.stack(images), args.batch_size,
         progress=lambda done, total: print(f"  {done}/{total} images", file=sys.stderr,
@@ -118,6 +130,10 @@ def analyse(args) -> int:
     print(f"  {len(spectra)} blocks; highest-frequency relative log amplitude from "
           f"{spectra[0].high_frequency:.3f} (first block) to {spectra[-1].high_frequency:.3f} "
           f"(last)", file=sys.stderr)
+  if len(sizes) > 1:
+    listed = ", ".join(str(size) for size in sorted(sizes))
+    print(f"warning: the models were analysed at different sizes ({listed}px): their "
+          "profiles do not compare frequency for frequency; pass --image-size", file=sys.stderr)
   text = io.StringIO()
   writer = csv.writer(text)
   writer.writerow(frequency_analysis.CSV_HEADER)

@@ -342,6 +342,11 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   if args.layers and args.official_file:
     raise SystemExit("--layers builds our PyTorch reference; leave out --official-file")
+  if args.official_file and not os.path.isfile(args.official_file):
+    raise SystemExit(f"--official-file {args.official_file}: no such file (the official "
+                     "repositories' image_classification/spanet.py or "
+                     "image_classification/models/spanetv2.py, from a clone of "
+                     "github.com/DoranLyong/SPANet-official or SPANetV2-official)")
   if args.malloc == "keep":  # before either framework starts a thread
     from spanet_jax.train import host_memory  # pylint: disable=g-import-not-at-top
     if not host_memory.keep_freed_memory():

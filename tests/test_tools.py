@@ -463,6 +463,11 @@ def test_benchmark_layers_refuses_the_official_file(tmp_path):
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert result.stderr.strip() == ("--layers builds our PyTorch reference; leave out "
                                    "--official-file")
+  missing = subprocess.run(
+      [sys.executable, "benchmarks/benchmark.py", "--official-file", str(tmp_path / "no.py")],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert missing.returncode == 1 and "Traceback" not in missing.stderr
+  assert "no such file (the official repositories'" in missing.stderr
 
 
 @pytest.mark.slow
@@ -491,3 +496,17 @@ def test_benchmark_script_reports_both_frameworks_and_memory(tmp_path):
   for framework in ("jax", "torch"):
     assert measured[f"{framework}_train_footprint_mib"] > 0
     assert measured[f"{framework}_train_step_growth_mib"] >= 0
+
+
+def test_spectral_analysis_takes_an_input_size_and_warns_on_tiny_maps(tmp_path):
+  photo = preprocess.sample_photo_paths()[0]
+  code, _, stderr = run_main(spectral_analysis.main, "--checkpoint", f"init:{TINY}",
+                             "--checkpoint", f"init:{TINY}", "--images", photo,
+                             "--image-size", 64, "--output", tmp_path / "s.png")
+  assert code == 0, stderr
+  assert "at 64px (compiling the model first)" in stderr
+  assert "warning: at 64px the last stage's maps are 2x2" in stderr
+  code, _, stderr = run_main(spectral_analysis.main, "--checkpoint", f"init:{TINY}",
+                             "--images", photo, "--image-size", 50, "--output",
+                             tmp_path / "t.png")
+  assert code == 2 and "--image-size 50: use a multiple of 32" in stderr

@@ -161,12 +161,17 @@ class MlpHead(nn.Module):
     return self.fc2(self.dropout(self.norm(torch.relu(self.fc1(x)) ** 2)))
 
 
+TOKEN_MIXERS = ("exspam", "mixattention", "attention")
+
+
 class Block(nn.Module):
   def __init__(self, dim: int, mixer: str, size: int, mlp_ratio: float, drop: float,
                drop_path: float, res_scale: bool):
     super().__init__()
     # Attribute order fixes the state_dict order: the official one.
     self.norm1 = ChannelsLastLayerNorm(dim, 1e-6, bias=False)
+    if mixer not in TOKEN_MIXERS:
+      raise ValueError(f"unknown token mixer {mixer!r}: use one of {', '.join(TOKEN_MIXERS)}")
     if mixer == "exspam":
       self.token_mixer = ExSPAM(dim, size)
     else:
