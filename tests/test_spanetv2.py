@@ -294,3 +294,70 @@ def test_tiny_gradients_match_pytorch_autograd(kind, rng):
   projection, depthwise convolutions, GELU, norms)."""
   reference = tiny_v2_reference(kind)
   assert_gradients_match_autograd(reference, *converted(reference), rng)
+
+
+# ---------------------------------------------------------------------------------------
+# The dense-prediction backbone (official mmdet/mmseg SPANetV2).
+
+
+def dense_reference(kind="hybrid", seed=0):
+  arch = registry.model_info(TINY_V2[kind]).architecture
+  return spanet_torch.randomize_(spanetv2_torch.SPANetV2(**arch, fork_feat=True), seed).eval()
+
+
+@pytest.mark.parametrize("kind", ["pure", "hybrid"])
+def test_dense_backbone_matches_the_official_layout_at_detection_sizes(kind, rng):
+  """An mmdet checkpoint (`backbone.` keys, the unused classifier norm and head kept):
+  features_only with the per-stage norms; stage outputs equal the reference's at square
+  and non-square sizes where every learned mask is resized."""
+  reference = dense_reference(kind)
+  mmdet = {"state_dict": {f"backbone.{k}": v for k, v in reference.state_dict().items()},
+           "meta": {"epoch": 12}}
+  state_dict = convert.unwrap_state_dict(mmdet)
+  assert any(k.startswith("head.") for k in state_dict)  # kept by the official backbone
+  model, variables = converted_state_dict(state_dict, TINY_V2[kind])
+  assert model.features_only and "out_norms_3" in variables["params"]
+  assert "head" not in variables["params"] and "norm" not in variables["params"]
+  for height, width in ((128, 128), (96, 160)):
+    x = rng.standard_normal((2, height, width, 3)).astype(np.float32)
+    with torch.no_grad():
+      expected = [e.numpy() for e in reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))]
+    actual = jax.device_get(jax.jit(model.apply)(variables, x))
+    assert [a.shape for a in actual] == [e.transpose(0, 2, 3, 1).shape for e in expected]
+    assert_parity(expected, actual, height)
+
+
+def converted_state_dict(state_dict, name):
+  name, overrides, params = convert.torch_to_flax(state_dict, name)
+  return spanet_jax.create_model(name, **overrides), {"params": params}
+
+
+def test_dense_backbone_out_indices_feature_info_and_round_trip(rng):
+  reference = dense_reference()
+  state_dict = state_dict_numpy(reference)
+  name, overrides, params = convert.torch_to_flax(state_dict, TINY_V2["hybrid"])
+  model = spanet_jax.create_model(name, **overrides, out_indices=(1, 3))
+  assert [f["reduction"] for f in model.feature_info] == [8, 32]
+  x = rng.standard_normal((1, 64, 96, 3)).astype(np.float32)
+  two = jax.jit(model.apply)({"params": params}, x)
+  four = jax.jit(spanet_jax.create_model(name, **overrides).apply)({"params": params}, x)
+  np.testing.assert_array_equal(two[0], four[1])
+  np.testing.assert_array_equal(two[1], four[3])
+  back = convert.flax_to_torch(params, name, overrides)
+  used = {k: v for k, v in state_dict.items() if not k.startswith(("norm.", "head."))}
+  assert list(back) == list(used)
+  for key, value in used.items():
+    np.testing.assert_array_equal(back[key], value)
+  with pytest.raises(ValueError, match="a features_only model has no head"):
+    model.apply({"params": params}, x, method="forward_features")
+
+
+def test_full_size_dense_backbone_converts():
+  arch = registry.model_info("spanetv2_s18_hybrid").architecture
+  module = spanetv2_torch.SPANetV2(**arch, fork_feat=True)
+  name, overrides, params = convert.torch_to_flax(state_dict_numpy(module))
+  assert name == "spanetv2_s18_hybrid" and overrides["features_only"]
+  model = spanet_jax.create_model(name, **overrides)
+  want = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                        jax.ShapeDtypeStruct((1, 512, 512, 3), jnp.float32))["params"]
+  assert jax.tree.structure(params) == jax.tree.structure(want)

@@ -190,7 +190,8 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], model_name: str | None =
   entries = key_map(model_name, model)
   expected_keys = {e.torch_key for e in entries}
   missing = [e.torch_key for e in entries if e.torch_key not in state_dict]
-  unexpected = [k for k in state_dict if k not in expected_keys]
+  unused = arch.unused_keys(state_dict)
+  unexpected = [k for k in state_dict if k not in expected_keys and k not in unused]
   problems = []
   if missing:
     problems.append(f"missing keys: {_list(missing)}")
@@ -391,7 +392,9 @@ _KIND_NOTES = {
 }
 
 
-def _generalise(text: str) -> str:
+def _generalise(text: str, family: str) -> str:
+  if family == "spanetv2":  # its dense backbone numbers the stage norms 0-3
+    text = re.sub(r"^norm\d\.", "norm{s}.", text)
   for pattern, replacement in _INDEX_PATTERNS:
     text = pattern.sub(replacement, text)
   return text
@@ -405,7 +408,10 @@ def key_table_markdown() -> str:
               ("SPANet dense-prediction backbone (`features_only=True`)", "spanet_s",
                {"features_only": True}),
               ("SPANetV2 hybrid (`spanetv2_s18_hybrid`; pure models lack the attention rows)",
-               "spanetv2_s18_hybrid", {})]
+               "spanetv2_s18_hybrid", {}),
+              ("SPANetV2 dense-prediction backbone (`features_only=True`; the file's `norm.*` "
+               "and `head.*`, which the official backbone keeps but never uses, are dropped)",
+               "spanetv2_s18_hybrid", {"features_only": True})]
   lines = ["# Official checkpoint keys and Flax parameter paths", "",
            "Generated from `spanet_jax.convert`'s key tables (`python -c \"from spanet_jax "
            "import convert; print(convert.key_table_markdown())\" > docs/checkpoint_keys.md`"
@@ -417,7 +423,9 @@ def key_table_markdown() -> str:
     lines += [f"## {title}", "", "| official key | Flax path | conversion |", "| --- | --- | --- |"]
     seen = set()
     for entry in entries:
-      row = (_generalise(entry.torch_key), _generalise("/".join(entry.flax_path)), entry.kind)
+      family = registry.model_info(name).family
+      row = (_generalise(entry.torch_key, family),
+             _generalise("/".join(entry.flax_path), family), entry.kind)
       if row not in seen:
         seen.add(row)
         lines.append(f"| `{row[0]}` | `{row[1]}` | {_KIND_NOTES[entry.kind]} |")

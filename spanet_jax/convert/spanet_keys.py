@@ -36,6 +36,11 @@ class Architecture:
   def describe(self) -> str:
     return f"layers {list(self.layers)}, dims {list(self.dims)}"
 
+  def unused_keys(self, state_dict: Mapping[str, np.ndarray]) -> set[str]:
+    """Keys the model never reads (none: every key of a SPANet file is used)."""
+    del state_dict
+    return set()
+
   @classmethod
   def of_model(cls, model) -> "Architecture":
     return cls(tuple(model.layers), tuple(model.dims), model.num_classes,

@@ -26,20 +26,30 @@ class ArchitectureV2:
   token_mixers: tuple[str, ...]
   num_classes: int
   filter_sizes: tuple[int, ...]
+  features_only: bool = False
   family = "spanetv2"
 
   def overrides(self) -> dict[str, Any]:
     """create_model keyword arguments that rebuild this architecture."""
-    return dict(num_classes=self.num_classes, filter_sizes=self.filter_sizes)
+    return dict(num_classes=self.num_classes, filter_sizes=self.filter_sizes,
+                features_only=self.features_only)
 
   def describe(self) -> str:
     return (f"layers {list(self.layers)}, dims {list(self.dims)}, "
-            f"mixers {list(self.token_mixers)}")
+            f"mixers {list(self.token_mixers)}"
+            + (", dense-prediction backbone" if self.features_only else ""))
+
+  def unused_keys(self, state_dict: Mapping[str, np.ndarray]) -> set[str]:
+    """Keys the model never reads: the official dense-prediction backbone keeps the
+    classifier's norm and head, which its forward pass does not use."""
+    if not self.features_only:
+      return set()
+    return {k for k in state_dict if k.startswith(("norm.", "head."))}
 
   @classmethod
   def of_model(cls, model) -> "ArchitectureV2":
     return cls(tuple(model.layers), tuple(model.dims), tuple(model.token_mixers),
-               model.num_classes, tuple(model.filter_sizes))
+               model.num_classes, tuple(model.filter_sizes), model.features_only)
 
 
 def _norm(prefix: str, path: tuple[str, ...], bias: bool) -> list[Entry]:
@@ -89,6 +99,10 @@ def key_map(arch: ArchitectureV2, res_scale_stages=(False, False, True, True)) -
       entries += weights(f"{t}.mlp.fc2", f + ("mlp", "fc2"), LINEAR, bias=False)
       if res_scale_stages[i]:
         entries.append(Entry(f"{t}.res_scale2.scale", f + ("res_scale2", "scale"), VECTOR))
+  if arch.features_only:
+    for i in range(len(arch.dims)):
+      entries += _norm(f"norm{i}", (f"out_norms_{i}",), bias=False)
+    return entries
   entries += _norm("norm", ("norm",), bias=True)
   if arch.num_classes > 0:
     entries += weights("head.fc1", ("head", "fc1"), LINEAR, bias=True)
@@ -121,10 +135,11 @@ def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> ArchitectureV2:
     else:
       raise ConversionError(f"stage {i} of the file has neither an ExSPAM "
                             f"('{prefix}.token_mixer.filter_1') nor an attention mixer")
+  features_only = "norm0.weight" in state_dict  # the mmdet/mmseg backbone's stage norms
   head = state_dict.get("head.fc2.weight")
-  num_classes = int(head.shape[0]) if head is not None else 0
+  num_classes = int(head.shape[0]) if head is not None and not features_only else 0
   return ArchitectureV2(tuple(depths[i] for i in range(4)), tuple(dims), tuple(mixers),
-                        num_classes, tuple(filter_sizes))
+                        num_classes, tuple(filter_sizes), features_only)
 
 
 def architecture_of(model) -> ArchitectureV2:

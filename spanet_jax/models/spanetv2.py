@@ -286,8 +286,11 @@ class SPANetV2Backbone(nn.Module):
 
 
 class SPANetV2(nn.Module):
-  """SPANetV2 classifier. `model.apply(variables, images, train=False)` maps NHWC float
-  images to logits; `method="stage_features"` gives the four stage outputs."""
+  """SPANetV2 classifier, or a dense-prediction backbone with `features_only=True`.
+
+  `model.apply(variables, images, train=False)` maps NHWC float images to logits (to
+  the stage outputs through the official mmdet/mmseg backbone's per-stage LayerNorms
+  when `features_only`); `method="stage_features"` gives the four stage outputs."""
   layers: Sequence[int] = (3, 3, 9, 3)
   dims: Sequence[int] = (64, 128, 320, 512)
   token_mixers: Sequence[str] = ("exspam",) * 4
@@ -296,6 +299,9 @@ class SPANetV2(nn.Module):
   res_scale_stages: Sequence[bool] = (False, False, True, True)
   mlp_ratio: float = 4.0
   num_classes: int = 1000
+  features_only: bool = False
+  # The stages a features_only model returns (all four norms are kept either way).
+  out_indices: Sequence[int] = (0, 1, 2, 3)
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   head_dropout: float = 0.0
@@ -309,22 +315,36 @@ class SPANetV2(nn.Module):
 
   @property
   def feature_info(self) -> list[dict]:
-    """timm's feature_info: channels (`num_chs`) and stride (`reduction`) per stage."""
-    return layers.feature_info(self.dims)
+    """timm's feature_info: channels (`num_chs`) and stride (`reduction`) of each stage
+    a features_only model returns (of all four otherwise)."""
+    return layers.feature_info(self.dims, self.out_indices if self.features_only else None)
 
   def setup(self):
+    if not self.out_indices or any(i not in range(len(self.dims)) for i in self.out_indices):
+      raise ValueError(f"out_indices={tuple(self.out_indices)}: give stage indices in "
+                       f"0..{len(self.dims) - 1}")
     self.backbone = SPANetV2Backbone(**layers.fields_for(SPANetV2Backbone, self))
-    self.norm = _layer_norm(True, 1e-6, self.dtype, self.param_dtype, None)
-    if self.num_classes > 0:
-      self.head = MlpHead(self.num_classes, self.mlp_ratio, self.head_dropout, self.dtype,
-                          self.param_dtype)
+    if self.features_only:
+      # The official dense-prediction backbone's norm{i}: LayerNorm without bias.
+      self.out_norms = [_layer_norm(False, 1e-6, self.dtype, self.param_dtype, None)
+                        for _ in self.dims]
+    else:
+      self.norm = _layer_norm(True, 1e-6, self.dtype, self.param_dtype, None)
+      if self.num_classes > 0:
+        self.head = MlpHead(self.num_classes, self.mlp_ratio, self.head_dropout, self.dtype,
+                            self.param_dtype)
 
   def stage_features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
     """The four stage outputs (B, H/4, W/4, C0) ... (B, H/32, W/32, C3)."""
-    return self.backbone(x, train)
+    features = self.backbone(x, train)
+    if self.features_only:
+      features = tuple(norm(f) for norm, f in zip(self.out_norms, features))
+    return features
 
   def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
     """The last stage's output (B, H/32, W/32, C3) (timm's forward_features)."""
+    if self.features_only:
+      raise ValueError("a features_only model has no head: its __call__ returns the stage maps")
     return self.backbone(x, train)[-1]
 
   def forward_head(self, x: jax.Array, pre_logits: bool = False,
@@ -334,5 +354,8 @@ class SPANetV2(nn.Module):
     x = self.norm(jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype))
     return x if pre_logits or self.num_classes == 0 else self.head(x, train)
 
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False):
+    if self.features_only:
+      features = self.stage_features(x, train)
+      return tuple(features[i] for i in self.out_indices)
     return self.forward_head(self.forward_features(x, train), train=train)

@@ -188,7 +188,10 @@ class Block(nn.Module):
 
 
 class SPANetV2(nn.Module):
-  """NCHW images -> logits; `stage_features` gives the NHWC stage outputs."""
+  """NCHW images -> logits; `stage_features` gives the NHWC stage outputs.
+  `fork_feat=True` is the official mmdet/mmseg backbone: per-stage LayerNorms (no bias)
+  `norm{i}` on the stage outputs, which `forward` returns (NCHW); it keeps the
+  classifier's norm and head, unused, as the official module does."""
 
   def __init__(self, layers: Sequence[int] = (3, 3, 9, 3),
                dims: Sequence[int] = (64, 128, 320, 512),
@@ -196,8 +199,10 @@ class SPANetV2(nn.Module):
                filter_sizes: Sequence[int] = (56, 28, 14, 7),
                res_scale_stages: Sequence[bool] = (False, False, True, True),
                mlp_ratio: float = 4.0, num_classes: int = 1000, drop_rate: float = 0.0,
-               drop_path_rate: float = 0.0, head_dropout: float = 0.0):
+               drop_path_rate: float = 0.0, head_dropout: float = 0.0,
+               fork_feat: bool = False):
     super().__init__()
+    self.fork_feat = fork_feat
     in_dims = (3,) + tuple(dims)
     self.downsample_layers = nn.ModuleList(
         Downsampling(in_dims[i], dims[i], stem=i == 0) for i in range(len(dims)))
@@ -211,16 +216,21 @@ class SPANetV2(nn.Module):
         index += 1
       stages.append(nn.Sequential(*blocks))
     self.stages = nn.ModuleList(stages)
+    if fork_feat:  # after the stages: the official state_dict order
+      for i, dim in enumerate(dims):
+        self.add_module(f"norm{i}", ChannelsLastLayerNorm(dim, 1e-6, bias=False))
     self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
     self.head = (MlpHead(dims[-1], num_classes, mlp_ratio, head_dropout) if num_classes > 0
                  else nn.Identity())
 
   def stage_features(self, x):
     outputs = []
-    for downsample, stage in zip(self.downsample_layers, self.stages):
+    for i, (downsample, stage) in enumerate(zip(self.downsample_layers, self.stages)):
       x = stage(downsample(x))
-      outputs.append(x)
+      outputs.append(getattr(self, f"norm{i}")(x) if self.fork_feat else x)
     return outputs
 
   def forward(self, x):
+    if self.fork_feat:
+      return [f.permute(0, 3, 1, 2).contiguous() for f in self.stage_features(x)]
     return self.head(self.norm(self.stage_features(x)[-1].mean((1, 2))))
