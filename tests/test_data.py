@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import default
@@ -219,12 +220,22 @@ def test_missing_dataset_says_what_to_do(tmp_path):
     pipeline.make_builder(config)
 
 
-def test_a_tfrecord_dataset_is_refused_with_the_conversion_command(tmp_path):
+def test_a_tfrecord_dataset_gets_an_array_record_copy_with_the_same_examples(tmp_path):
   builder = pipeline.SklearnDigits(data_dir=str(tmp_path), file_format="tfrecord")
   builder.download_and_prepare()
-  with pytest.raises(pipeline.DataError, match="tfds convert_format --dataset_version_dir=.*"
-                                           "--out_file_format=array_record"):
-    pipeline.make_source(builder, "train")
+  with pytest.raises(pipeline.DataError, match="stored as tfrecord only; examples are read "
+                                               "by index, which needs ArrayRecord"):
+    pipeline.make_source(builder, "test")
+  config = default.get_config()
+  config.dataset, config.data_dir = "sklearn_digits", str(tmp_path)
+  source = pipeline.make_source(pipeline.make_builder(config), "test")
+  expected = list(builder.as_dataset("test", shuffle_files=False,
+                                     decoders={"image": tfds.decode.SkipDecoding()}))
+  assert source.num_examples == len(expected) == 360
+  for index in (0, 17, 359):
+    encoded, label = source.read(tf.constant(index, tf.int64))
+    assert encoded.numpy() == expected[index]["image"].numpy()
+    assert int(label) == int(expected[index]["label"])
 
 
 def test_input_pipeline_benchmark_reports_its_json_line(tmp_path):
