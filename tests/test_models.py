@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")  # the PyTorch references need it
 from flax import linen as nn
 
 import spanet_jax
-from spanet_jax.models import layers, spanet
+from spanet_jax.models import layers, metaformer, spanet
 from spanet_jax.reference import spanet_torch
 from spanet_jax.ops import activations, batching, depthwise, norms
 from conftest import TINY, TINY_ARCH, TINY_V2
@@ -123,21 +123,19 @@ def test_train_mode_is_stochastic_and_eval_deterministic(tiny_variables):
 
 def test_drop_path_rates_grow_linearly_over_all_blocks():
   # 5 blocks in all: rates 0, 0.1, 0.2, 0.3, 0.4 in order of depth.
-  backbone = spanet.SPANetBackbone(
-      TINY_ARCH["layers"], TINY_ARCH["dims"], (2, 2, 1, 1), (16, 8, 4, 2),
-      (False, False, True, True), drop_path_rate=0.4)
+  model = spanet_jax.create_model(TINY, drop_path_rate=0.4)
   rates = []
-  original = spanet.SPANetBlock.__call__
+  original = metaformer.MetaFormerBlock.__call__
 
   def spy(self, x, train=False):
     rates.append(self.drop_path_rate)
     return original(self, x, train)
 
-  spanet.SPANetBlock.__call__ = spy
+  metaformer.MetaFormerBlock.__call__ = spy
   try:
-    jax.eval_shape(backbone.init, jax.random.PRNGKey(0), jnp.ones((1, 64, 64, 3)))
+    jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 64, 64, 3)))
   finally:
-    spanet.SPANetBlock.__call__ = original
+    metaformer.MetaFormerBlock.__call__ = original
   np.testing.assert_allclose(rates, [0.0, 0.1, 0.2, 0.3, 0.4])
 
 

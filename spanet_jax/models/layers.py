@@ -4,7 +4,6 @@ in ops/platform.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable
 
@@ -38,13 +37,6 @@ def feature_info(dims, indices=None) -> list[dict]:
   indices = range(len(dims)) if indices is None else indices
   return [{"num_chs": int(dims[i]), "reduction": 4 * 2**i, "module": f"stage{i}"}
           for i in indices]
-
-
-def fields_for(module_cls: type, source: nn.Module) -> dict[str, Any]:
-  """The values of `source`'s fields that `module_cls` also declares (to build a
-  submodule, such as a backbone, from its parent's configuration)."""
-  names = [f.name for f in dataclasses.fields(module_cls) if f.name not in ("parent", "name")]
-  return {name: getattr(source, name) for name in names}
 
 
 def group_norm(name: str | None = None, dtype: Dtype | None = None,
@@ -227,11 +219,16 @@ class ResScale(nn.Module):
 
 
 class Mlp(nn.Module):
-  """1x1 conv C -> hidden, exact GELU, dropout, 1x1 conv hidden -> C, dropout."""
+  """What a MetaFormer block's MLP is built with (metaformer.StageParts.mlp); each
+  family's MLP defines __call__(x, train)."""
   hidden_features: int
   dropout_rate: float = 0.0
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
+
+
+class GeluMlp(Mlp):
+  """1x1 conv C -> hidden, exact GELU, dropout, 1x1 conv hidden -> C, dropout."""
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:

@@ -6,13 +6,14 @@ learned sigmoid masks; the hybrid variants use self-attention in the last two st
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from spanet_jax.models import layers, spectral
+from spanet_jax.models import layers, metaformer, spectral
 from spanet_jax.ops import activations, attention, grouped, platform
 
 Dtype = Any
@@ -87,7 +88,7 @@ class ExSPAM(nn.Module):
       raise ValueError(f"ExSPAM needs channels divisible by {self.num_groups}, got {channels}")
     group = channels // self.num_groups
     dense = lambda features, name: _dense(features, False, self.dtype, self.param_dtype, name)
-    # The 1x1 convolutions as (B * H * W, C) products: see layers.Mlp.
+    # The 1x1 convolutions as (B * H * W, C) products: see layers.GeluMlp.
     rows = x.reshape(-1, channels)
     q = activations.gelu(dense(channels, "query")(rows))
     ctx = dense(channels, "ctx")(rows).reshape(x.shape)
@@ -150,17 +151,13 @@ class Attention(nn.Module):
     return dense(channels, "proj")(out)
 
 
-class Mlp(nn.Module):
+class StarReLUMlp(layers.Mlp):
   """Linear C -> hidden (no bias), StarReLU, dropout, Linear hidden -> C (no bias), dropout."""
-  hidden_features: int
-  dropout_rate: float = 0.0
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     channels, shape = x.shape[-1], x.shape
-    x = x.reshape(-1, channels)  # (B * H * W, C) products: see layers.Mlp
+    x = x.reshape(-1, channels)  # (B * H * W, C) products: see layers.GeluMlp
     x = _dense(self.hidden_features, False, self.dtype, self.param_dtype, "fc1")(x)
     x = StarReLU(self.param_dtype, name="act")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
@@ -207,145 +204,58 @@ class Downsampling(nn.Module):
     return conv(norm("pre_norm")(x))
 
 
-class SPANetV2Block(nn.Module):
-  """x = rs1(x) + drop_path(mixer(norm1(x))); x = rs2(x) + drop_path(MLP(norm2(x)))."""
-  token_mixer: str
-  filter_size: tuple[int, int]
-  mlp_ratio: float = 4.0
-  drop_rate: float = 0.0
-  drop_path_rate: float = 0.0
-  res_scale: bool = False
-  spectral_impl: str = "auto"
-  depthwise_impl: str = "auto"
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    channels = x.shape[-1]
-    norm = lambda name: _layer_norm(False, 1e-6, self.dtype, self.param_dtype, name)
-    residual = lambda name: (layers.ResScale(self.param_dtype, name=name)
-                             if self.res_scale else (lambda y: y))
-    drop_path = layers.DropPath(self.drop_path_rate)
-    if self.token_mixer == "exspam":
-      mixer = ExSPAM(self.filter_size, spectral_impl=self.spectral_impl,
-                     depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="token_mixer")
-    elif self.token_mixer in ("attention", "mixattention"):
-      mixer = Attention(mix=self.token_mixer == "mixattention",
-                        depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="token_mixer")
-    else:
-      raise ValueError(f"unknown token mixer {self.token_mixer!r}; choose from "
-                       f"{', '.join(TOKEN_MIXERS)}")
-    x = residual("res_scale1")(x) + drop_path(mixer(norm("norm1")(x)), train)
-    mlp = Mlp(int(channels * self.mlp_ratio), self.drop_rate, self.dtype, self.param_dtype,
-              name="mlp")
-    return residual("res_scale2")(x) + drop_path(mlp(norm("norm2")(x), train), train)
-
-
-class SPANetV2Backbone(nn.Module):
-  """Four stages, each a downsampling layer and its blocks; returns every stage output."""
-  layers: Sequence[int]
-  dims: Sequence[int]
-  token_mixers: Sequence[str]
-  filter_sizes: Sequence[int]
-  res_scale_stages: Sequence[bool]
-  mlp_ratio: float = 4.0
-  drop_rate: float = 0.0
-  drop_path_rate: float = 0.0
-  spectral_impl: str = "auto"
-  depthwise_impl: str = "auto"
-  conv_impl: str = "auto"
-  # Recompute each block in the backward pass instead of storing its activations.
-  remat: bool = False
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
-    total = sum(self.layers)
-    index = 0
-    # `train` (argument 2, counting self) selects Python branches: static under remat.
-    block_cls = nn.remat(SPANetV2Block, static_argnums=(2,)) if self.remat else SPANetV2Block
-    outputs = []
-    for i, (depth, dim) in enumerate(zip(self.layers, self.dims)):
-      x = Downsampling(dim, stem=i == 0, conv_impl=self.conv_impl, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name=f"downsample{i}")(x)
-      for j in range(depth):
-        x = block_cls(
-            token_mixer=self.token_mixers[i], filter_size=(self.filter_sizes[i],) * 2,
-            mlp_ratio=self.mlp_ratio, drop_rate=self.drop_rate,
-            drop_path_rate=self.drop_path_rate * index / max(total - 1, 1),
-            res_scale=self.res_scale_stages[i], spectral_impl=self.spectral_impl,
-            depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=f"stage{i}_block{j}")(x, train)
-        index += 1
-      outputs.append(x)
-    return tuple(outputs)
-
-
-class SPANetV2(nn.Module):
+class SPANetV2(metaformer.MetaFormer):
   """SPANetV2 classifier, or a dense-prediction backbone with `features_only=True`.
 
   `model.apply(variables, images, train=False)` maps NHWC float images to logits (to
   the stage outputs through the official mmdet/mmseg backbone's per-stage LayerNorms
-  when `features_only`); `method="stage_features"` gives the four stage outputs."""
+  when `features_only`); `method="stage_features"` gives the four stage outputs. The
+  options shared with SPANet are MetaFormer's."""
   layers: Sequence[int] = (3, 3, 9, 3)
-  dims: Sequence[int] = (64, 128, 320, 512)
   token_mixers: Sequence[str] = ("exspam",) * 4
   # Feature sizes of the four stages at the 224 training resolution: the learned masks'.
   filter_sizes: Sequence[int] = (56, 28, 14, 7)
-  res_scale_stages: Sequence[bool] = (False, False, True, True)
-  mlp_ratio: float = 4.0
-  num_classes: int = 1000
-  features_only: bool = False
-  # The stages a features_only model returns (all four norms are kept either way).
-  out_indices: Sequence[int] = (0, 1, 2, 3)
-  drop_rate: float = 0.0
-  drop_path_rate: float = 0.0
   head_dropout: float = 0.0
-  spectral_impl: str = "auto"
-  depthwise_impl: str = "auto"
-  conv_impl: str = "auto"
-  # Recompute each block in the backward pass instead of storing its activations.
-  remat: bool = False
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
 
-  @property
-  def feature_info(self) -> list[dict]:
-    """timm's feature_info: channels (`num_chs`) and stride (`reduction`) of each stage
-    a features_only model returns (of all four otherwise)."""
-    return layers.feature_info(self.dims, self.out_indices if self.features_only else None)
+  def downsampling(self) -> list[metaformer.ModuleDef]:
+    return [functools.partial(Downsampling, dim, stem=i == 0, conv_impl=self.conv_impl,
+                              dtype=self.dtype, param_dtype=self.param_dtype,
+                              name=f"downsample{i}")
+            for i, dim in enumerate(self.dims)]
 
-  def setup(self):
-    if not self.out_indices or any(i not in range(len(self.dims)) for i in self.out_indices):
-      raise ValueError(f"out_indices={tuple(self.out_indices)}: give stage indices in "
-                       f"0..{len(self.dims) - 1}")
-    self.backbone = SPANetV2Backbone(**layers.fields_for(SPANetV2Backbone, self))
-    if self.features_only:
-      # The official dense-prediction backbone's norm{i}: LayerNorm without bias.
-      self.out_norms = [_layer_norm(False, 1e-6, self.dtype, self.param_dtype, None)
-                        for _ in self.dims]
-    else:
-      self.norm = _layer_norm(True, 1e-6, self.dtype, self.param_dtype, None)
-      if self.num_classes > 0:
-        self.head = MlpHead(self.num_classes, self.mlp_ratio, self.head_dropout, self.dtype,
-                            self.param_dtype)
+  def stage_parts(self) -> list[metaformer.StageParts]:
+    norm = functools.partial(layers.ChannelLayerNorm, epsilon=1e-6, use_bias=False,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
+    mlp = functools.partial(StarReLUMlp, dropout_rate=self.drop_rate, dtype=self.dtype,
+                            param_dtype=self.param_dtype)
+    return [metaformer.StageParts(self._token_mixer(i), norm, mlp, self.res_scale_stages[i])
+            for i in range(len(self.dims))]
 
-  def stage_features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
-    """The four stage outputs (B, H/4, W/4, C0) ... (B, H/32, W/32, C3)."""
-    features = self.backbone(x, train)
-    if self.features_only:
-      features = tuple(norm(f) for norm, f in zip(self.out_norms, features))
-    return features
+  def _token_mixer(self, stage: int) -> metaformer.ModuleDef:
+    kind = self.token_mixers[stage]
+    if kind == "exspam":
+      return functools.partial(ExSPAM, (self.filter_sizes[stage],) * 2,
+                               spectral_impl=self.spectral_impl,
+                               depthwise_impl=self.depthwise_impl, dtype=self.dtype,
+                               param_dtype=self.param_dtype)
+    if kind in ("attention", "mixattention"):
+      return functools.partial(Attention, mix=kind == "mixattention",
+                               depthwise_impl=self.depthwise_impl, dtype=self.dtype,
+                               param_dtype=self.param_dtype)
+    raise ValueError(f"unknown token mixer {kind!r}; choose from {', '.join(TOKEN_MIXERS)}")
 
-  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """The last stage's output (B, H/32, W/32, C3) (timm's forward_features)."""
-    if self.features_only:
-      raise ValueError("a features_only model has no head: its __call__ returns the stage maps")
-    return self.backbone(x, train)[-1]
+  def out_norm(self) -> nn.Module:
+    # The official dense-prediction backbone's norm{i}: LayerNorm without bias.
+    return _layer_norm(False, 1e-6, self.dtype, self.param_dtype, None)
+
+  def setup_head(self) -> None:
+    self.norm = _layer_norm(True, 1e-6, self.dtype, self.param_dtype, None)
+    if self.num_classes > 0:
+      self.head = MlpHead(self.num_classes, self.mlp_ratio, self.head_dropout, self.dtype,
+                          self.param_dtype)
+
+  def auto_batch_parts(self) -> int | None:
+    return 1  # two batch parts did not help SPANetV2 on CPU (docs/performance.md)
 
   def forward_head(self, x: jax.Array, pre_logits: bool = False,
                    train: bool = False) -> jax.Array:
@@ -353,9 +263,3 @@ class SPANetV2(nn.Module):
     `pre_logits=True` stops before the head (the pooled, normalised features)."""
     x = self.norm(jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype))
     return x if pre_logits or self.num_classes == 0 else self.head(x, train)
-
-  def __call__(self, x: jax.Array, train: bool = False):
-    if self.features_only:
-      features = self.stage_features(x, train)
-      return tuple(features[i] for i in self.out_indices)
-    return self.forward_head(self.forward_features(x, train), train=train)
