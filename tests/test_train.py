@@ -303,6 +303,14 @@ def test_the_loop_reads_device_values_only_at_log_eval_and_checkpoint_steps(
     ("mesh_model=3", "config.mesh_model=3 does not divide the 1 devices"),
     ("eval_batch_size=-1", "config.eval_batch_size=-1 must be positive (or 0: batch_size)"),
     ("label_smoothing=1.5", "config.label_smoothing=1.5 must be below 1"),
+    ("prefetch=0", "config.prefetch=0 must be positive"),
+    ("crop_pct=1.5", "config.crop_pct=1.5: use a fraction in (0, 1], or -1"),
+    ("crop_scale=(0.5, 0.1)", "config.crop_scale=(0.5, 0.1): give (min, max) area fractions"),
+    ("crop_ratio=(0.0, 1.0)", "config.crop_ratio=(0.0, 1.0): give (min, max) aspect ratios"),
+    ("b2=1.0", "config.b2=1.0 must be in [0, 1)"),
+    ("eps=0.0", "config.eps=0.0 must be positive"),
+    ("num_classes=5", "config.num_classes=5, but the dataset has 10 classes"),
+    ("model_overrides", "config.model_overrides.layers=(3,): give four positive whole"),
     ("profile_steps=(3,)", "config.profile_steps=(3,): give (first step, number of steps)"),
 ])
 def test_bad_config_values_are_named(override, message, tmp_path, data_dir):
@@ -311,8 +319,11 @@ def test_bad_config_values_are_named(override, message, tmp_path, data_dir):
   from spanet_jax.train import loop
   config = demo.get_config()
   config.data_dir, config.model_overrides.dims = data_dir, (8, 16, 24, 32)  # as FAST
-  key, value = override.split("=", 1)
-  config[key] = eval(value)  # pylint: disable=eval-used  # the test's own literals
+  if override == "model_overrides":  # a nested key
+    config.model_overrides.layers = (3,)
+  else:
+    key, value = override.split("=", 1)
+    config[key] = eval(value)  # pylint: disable=eval-used  # the test's own literals
   with pytest.raises(loop.ConfigError) as raised:
     loop.run(config, str(tmp_path / "bad"))
   text = str(raised.value)

@@ -145,7 +145,7 @@ def validate(config, num_devices: int) -> None:
     raise ConfigError(f"config.dtype={config.dtype!r}: use float32 or bfloat16")
   for key in ("batch_size", "num_epochs", "grad_accum_steps", "log_every_steps",
               "checkpoint_every_steps", "keep_checkpoints", "image_size", "num_classes",
-              "eval_every_epochs", "lr_base_batch", "mesh_model"):
+              "eval_every_epochs", "lr_base_batch", "mesh_model", "prefetch"):
     if config[key] <= 0:
       raise ConfigError(f"config.{key}={config[key]} must be positive")
   if num_devices % config.mesh_model:
@@ -171,6 +171,22 @@ def validate(config, num_devices: int) -> None:
       randaugment.RandAugmentSpec(config.randaugment)
     except ValueError as err:
       raise ConfigError(f"config.randaugment: {err}") from None
+  if not (config.crop_pct == -1 or 0 < config.crop_pct <= 1):
+    raise ConfigError(f"config.crop_pct={config.crop_pct}: use a fraction in (0, 1], or -1 "
+                      "for the model's own")
+  low, high = (tuple(config.crop_scale) + (None, None))[:2]
+  if len(config.crop_scale) != 2 or not 0 < low <= high <= 1:
+    raise ConfigError(f"config.crop_scale={tuple(config.crop_scale)}: give (min, max) area "
+                      "fractions with 0 < min <= max <= 1")
+  low, high = (tuple(config.crop_ratio) + (None, None))[:2]
+  if len(config.crop_ratio) != 2 or not 0 < low <= high:
+    raise ConfigError(f"config.crop_ratio={tuple(config.crop_ratio)}: give (min, max) aspect "
+                      "ratios with 0 < min <= max")
+  for key in ("b1", "b2"):
+    if not 0 <= config[key] < 1:
+      raise ConfigError(f"config.{key}={config[key]} must be in [0, 1)")
+  if not config.eps > 0:
+    raise ConfigError(f"config.eps={config.eps} must be positive")
   if config.label_smoothing >= 1:
     raise ConfigError(f"config.label_smoothing={config.label_smoothing} must be below 1")
   if config.ema_decay >= 1:
