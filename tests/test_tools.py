@@ -111,6 +111,10 @@ def test_load_reads_a_train_workdir_before_it_finishes(tmp_path, tiny_variables)
                  metrics={"eval/top1": 0.5})
   loaded = inference.load(str(tmp_path))
   assert loaded.name == TINY and loaded.data.input_size == 64 and loaded.num_classes == 1000
+  assert loaded.class_names[1].startswith("goldfish")  # ImageNet's, lacking the dataset's
+  names = [f"dataset class {i}" for i in range(1000)]
+  (tmp_path / "class_names.json").write_text(json.dumps(names))
+  assert inference.load(str(tmp_path)).class_names[8] == "dataset class 8"
   jax.tree.map(np.testing.assert_array_equal, loaded.variables["params"],
                jax.device_get(tiny_variables["params"]))
 

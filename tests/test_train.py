@@ -532,6 +532,8 @@ def test_class_per_folder_dataset_with_the_official_schedule(tmp_path, data_dir)
                      data_dir=data_dir)
   assert result.returncode == 0, why(result.stderr)
   assert "240 images" in result.stdout and "7 steps/epoch, 21 steps" in result.stdout
+  assert json.loads((workdir / "class_names.json").read_text()) == [
+      f"class_{i}" for i in range(10)]
   rows = metrics(workdir)
   evals = [r for r in rows if "eval/top1" in r]
   assert len(evals) == 3

@@ -43,8 +43,11 @@ def run(main: Callable[[], int]) -> int:
 def write_atomically(path: str, text: str) -> None:
   """Write `text` to `path` through a temporary sibling, so readers never see half a file."""
   path = os.path.abspath(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+  except OSError as err:
+    raise UsageError(pretrained.write_error(path, err)) from None
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
@@ -52,6 +55,9 @@ def write_atomically(path: str, text: str) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for secrets, not results
     os.replace(tmp, path)
+  except OSError as err:  # a full disk, a lost permission
+    os.unlink(tmp)
+    raise UsageError(pretrained.write_error(path, err)) from None
   except BaseException:
     os.unlink(tmp)
     raise

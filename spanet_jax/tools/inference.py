@@ -23,6 +23,7 @@ import numpy as np
 from spanet_jax.data import labels, preprocess
 from spanet_jax.models import pretrained, registry
 from spanet_jax.train import steps
+from spanet_jax.train import workdir as workdir_layout
 from spanet_jax.models.pretrained import CheckpointError
 from spanet_jax.data.preprocess import DataConfig
 
@@ -144,7 +145,20 @@ def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
                             "crop_pct": crop_pct if crop_pct and crop_pct > 0 else None})
   print(f"{workdir}: training has not finished; using best/ (step {step})", file=sys.stderr,
         flush=True)
-  return LoadedModel(best, name, model, variables, data, default_class_names(num_classes))
+  return LoadedModel(best, name, model, variables, data, _workdir_class_names(workdir, num_classes))
+
+
+def _workdir_class_names(workdir: str, num_classes: int) -> tuple[str, ...]:
+  """The dataset's class names train.py recorded in the workdir, if they fit."""
+  try:
+    with open(os.path.join(workdir, workdir_layout.CLASS_NAMES_FILE)) as f:
+      names = json.load(f)
+  except (OSError, ValueError):
+    names = None
+  if isinstance(names, list) and len(names) == num_classes:
+    return tuple(str(n) for n in names)
+  return default_class_names(num_classes)
+
 
 
 def _num_classes(model) -> int:

@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from spanet_jax.data import pipeline, preprocess, randaugment
 from spanet_jax.models import flops, pretrained, registry
 from spanet_jax.train import checkpoints, mesh, monitoring, run_lock, schedules, steps
+from spanet_jax.train import workdir as workdir_layout
 
 
 def quiet_console(verbose: bool) -> None:
@@ -512,6 +513,9 @@ def set_up(config, workdir: str, data: Data, previous_config: dict, process: int
   if process == 0:  # after the checks: a refused resume keeps the run's own config
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    if data.class_names:  # for the tools, before final/ exists
+      with open(os.path.join(workdir, workdir_layout.CLASS_NAMES_FILE), "w") as f:
+        json.dump(data.class_names, f)
   return setup, state, latest
 
 
