@@ -234,3 +234,24 @@ def test_a_full_disk_during_conversion_is_one_line_and_leaves_nothing(tmp_path):
     assert os.listdir(disk) == []
   finally:
     subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_training_is_one_line(tmp_path):
+  """A workdir on a 600 KB filesystem: the first checkpoints fit, a later one does not."""
+  disk = tmp_path / "small_disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
+                           capture_output=True, check=False)
+  if mounted.returncode != 0:
+    pytest.skip("needs a small filesystem (mount -t tmpfs, as root): "
+                + mounted.stderr.decode().strip())
+  try:
+    root = digit_folder(tmp_path / "digits", count=150)
+    result = folder_run(disk / "run", root, "--config.num_epochs=3",
+                        "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=100")
+    assert result.returncode == 2, why(result.stderr)
+    line = one_error_line(result)
+    assert "no space left on the device; training stopped at step" in line
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)

@@ -87,8 +87,10 @@ class Source:
   def read(self, index):
     """(encoded image bytes, int32 label) of example `index` (a scalar int64 tensor)."""
     if self.files is not None:
-      # As bytes: a file name need not be valid UTF-8.
-      paths = tf.constant([os.fsencode(path) for path, _ in self.files] or [b""], tf.string)
+      # As bytes: a file name need not be valid UTF-8 (os.fsencode's encoding, written out
+      # because tf.data's AutoGraph would try to convert os.fsencode).
+      paths = tf.constant([path.encode("utf-8", "surrogateescape") for path, _ in self.files]
+                          or [b""], tf.string)
       labels = tf.constant([label for _, label in self.files] or [0], tf.int32)
       return tf.io.read_file(tf.gather(paths, index)), tf.gather(labels, index)
 

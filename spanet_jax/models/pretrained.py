@@ -99,11 +99,22 @@ def save_pretrained(directory: str, model_name: str, params: Mapping,
   _sync("spanet_jax.save_pretrained: done")
 
 
+def _disk_full(err: BaseException) -> bool:
+  text = str(err)
+  return (getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text
+          or "os_error_code='28'" in text or "unexpected pos" in text)
+
+
+def is_write_failure(err: BaseException) -> bool:
+  """Whether `err` says the disk is full or a path cannot be written."""
+  return _disk_full(err) or getattr(err, "errno", None) in (errno.EACCES, errno.EPERM,
+                                                            errno.EROFS)
+
+
 def write_error(path: str, err: BaseException) -> str:
   """One line for a failed write of `path`: the disk is full, or the cause's first line."""
   text = str(err)
-  if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or (
-      "os_error_code='28'" in text) or "unexpected pos" in text:
+  if _disk_full(err):
     return f"cannot write {path}: no space left on the device; nothing was written"
   if getattr(err, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
     return f"cannot write {path}: {err.strerror}; nothing was written"
@@ -339,9 +350,9 @@ def _quiet_orbax():
 
 
 def ignore_failed_read_reports() -> None:
-  """Drop the reports Orbax and TensorStore leave behind a failed checkpoint read (one
-  per array still in flight: "Event loop is closed" from their threads, the same read
-  error again from abandoned coroutines). The failure itself is reported, as one line,
+  """Drop the reports Orbax and TensorStore leave behind a failed checkpoint read or
+  write (one per array still in flight: "Event loop is closed" from their threads, the
+  same read or disk-full error again from abandoned coroutines). The failure itself is reported, as one line,
   by whoever caught it; every other report passes through. Installed once per process."""
   if getattr(sys.excepthook, "ignores_failed_read_reports", False):
     return
@@ -350,7 +361,8 @@ def ignore_failed_read_reports() -> None:
 
   def aftermath(value) -> bool:
     return ((isinstance(value, RuntimeError) and str(value) == "Event loop is closed")
-            or "Encountered error while reading array index" in str(value))
+            or "Encountered error while reading array index" in str(value)
+            or is_write_failure(value))
 
   def except_hook(kind, value, traceback):
     if not (aftermath(value) and threading.current_thread() is not threading.main_thread()):

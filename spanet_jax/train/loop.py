@@ -34,12 +34,24 @@ def quiet_console(verbose: bool) -> None:
   """The console keeps train.py's own lines, warnings and errors; library INFO lines
   (Orbax logs every checkpoint step, TFDS every shard) go to WORKDIR/train.log only."""
   if not verbose:
-    logging.get_absl_handler().setLevel(std_logging.WARNING)
+    handler = logging.get_absl_handler()
+    handler.setLevel(std_logging.WARNING)
+    # Orbax logs a failed save from each of its threads; the run reports it once.
+    handler.addFilter(lambda record: not (record.levelno >= std_logging.ERROR
+                                          and "orbax" in record.pathname))
     tfds.disable_progress_bar()
 
 
+class _LogFile(std_logging.FileHandler):
+  """train.log; a failed write (a full disk) is not reported on the console: the run
+  reports that itself, once."""
+
+  def handleError(self, record):
+    del record
+
+
 def log_to_file(workdir: str) -> None:
-  log_file = std_logging.FileHandler(os.path.join(workdir, "train.log"))
+  log_file = _LogFile(os.path.join(workdir, "train.log"))
   log_file.setFormatter(std_logging.Formatter(
       "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
   log_file.setLevel(std_logging.INFO)
@@ -572,6 +584,15 @@ def save_final(setup: Run, state, step: int) -> str:
   return final
 
 
+def _last_complete(manager) -> int | None:
+  try:
+    manager.wait_until_finished()
+  except Exception:  # pylint: disable=broad-except  # the failed save itself
+    pass
+  manager.reload()  # what is on disk now, finished checkpoints only
+  return manager.latest_step()
+
+
 def train(setup: Run, state, resumed_at: int | None) -> None:  # pylint: disable=too-many-locals,too-many-statements
   """The loop: steps, logs, evaluations, checkpoints, signals, and the final weights."""
   config, workdir, manager = setup.config, setup.workdir, setup.manager
@@ -709,6 +730,15 @@ def train(setup: Run, state, resumed_at: int | None) -> None:  # pylint: disable
     manager.wait_until_finished()
     setup.best_manager.wait_until_finished()
     print(f"done: weights in {save_final(setup, state, step)}", flush=True)
+  except (OSError, ValueError, RuntimeError, pretrained.CheckpointError) as err:
+    if not pretrained.is_write_failure(err):
+      raise
+    saved = _last_complete(manager)
+    raise ConfigError(
+        f"{pretrained.write_error(workdir, err).split('; nothing')[0]}; training stopped at "
+        f"step {step}" + (f"; the last complete checkpoint is step {saved}: free space and "
+                          "run the same command to resume" if saved is not None else "")
+    ) from None
   finally:
     profiler.close()
     batches.close()
