@@ -1,6 +1,7 @@
 """The Python in README.md and docs/ runs as written: every ```python block is executed,
-with the tiny test model standing in for spanet_s and 64-pixel images for 224 (the
-published models' sizes are checked by the parity and model tests)."""
+with the tiny test models standing in for spanet_s and spanetv2_s18_hybrid and 64-pixel
+images for 224 (the published models' sizes are checked by the parity and model
+tests)."""
 
 import pathlib
 import re
@@ -11,7 +12,7 @@ import pytest
 
 import export
 import spanet_jax
-from conftest import TINY, run_main
+from conftest import TINY, TINY_V2, run_main
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -42,5 +43,6 @@ def test_the_docs_have_python_to_run():
 def test_python_block_runs(name, number, block, workspace, monkeypatch):
   del name, number
   monkeypatch.chdir(workspace)
-  code = block.replace('"spanet_s"', f'"{TINY}"').replace("224", "64")
+  code = (block.replace('"spanet_s"', f'"{TINY}"').replace("224", "64")
+          .replace('"spanetv2_s18_hybrid"', f'"{TINY_V2["hybrid"]}"'))
   exec(compile(code, "<docs>", "exec"), {})  # pylint: disable=exec-used

@@ -57,19 +57,31 @@ def snapshot(workdir: pathlib.Path) -> dict:
 
 @pytest.mark.slow
 def test_a_run_survives_a_bad_eval_image_ctrl_c_a_refused_resume_and_a_stale_lock(tmp_path):
+  """Three epochs on the official per-epoch schedule (warm-up, cosine, cooldown), a line
+  per step, through every fault: at the end each update has exactly one row, with
+  timm's lr for its epoch."""
+  from test_recipe import official_update_lrs
   root = digit_folder(tmp_path / "digits")
   bad = root / "val" / "class_0" / "bad.png"
   bad.write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
   workdir = tmp_path / "run"
-  common = ("--config.num_epochs=2", "--config.checkpoint_every_steps=100")
+  common = ("--config.num_epochs=2", "--config.warmup_epochs=1", "--config.cooldown_epochs=1",
+            "--config.lr_schedule=cosine_per_epoch", "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=100")
 
   # An undecodable validation image: the epoch is saved first, the file is named.
-  result = folder_run(workdir, root, *common)
+  result = folder_run(workdir, root, *common, "--config.profile_steps=(2, 2)")
   assert result.returncode == 2
   line = one_error_line(result)
   assert f"evaluation at step 7 failed: cannot decode {bad} as an image" in line
   assert "The state of step 7 is saved" in line
   assert (workdir / "checkpoints" / "7").is_dir()
+  assert "240 images" in result.stdout and "7 steps/epoch, 21 steps" in result.stdout
+  assert "(first step; compiled in" in result.stdout and "/device)" in result.stdout
+  traces = list((workdir / "profile").rglob("*.xplane.pb"))
+  assert traces and "profile of steps 3-4 written under" in result.stdout
+  assert json.loads((workdir / "class_names.json").read_text()) == [
+      f"class_{i}" for i in range(10)]
 
   # Fixed, rerun: it resumes at step 7; Ctrl-C saves the step it is at and exits.
   bad.unlink()
@@ -84,20 +96,19 @@ def test_a_run_survives_a_bad_eval_image_ctrl_c_a_refused_resume_and_a_stale_loc
   assert process.returncode == 0, why(stderr)
   assert "at step 7" in stdout and "received signal 2" in stdout and "Traceback" not in stderr
   stopped_at = max(int(d) for d in os.listdir(workdir / "checkpoints"))
-  assert 9 <= stopped_at < 14
+  assert 9 <= stopped_at < 21
 
   # Another architecture on the same workdir: refused, every file of the run as it was.
   before = snapshot(workdir)
-  refused = folder_run(workdir, root, *common, "--config.model_overrides.layers=(1, 1, 2, 1)")
-  assert refused.returncode == 2
-  assert "holds a run of another model (model_overrides" in one_error_line(refused)
+  config = folder_config(root)
+  config.model_overrides.layers = (1, 1, 2, 1)
+  assert "holds a run of another model (model_overrides" in in_process_run(config, workdir)
   assert snapshot(workdir) == before
 
   # A live run's lock refuses a second run; a dead run's lock is taken over.
   lock = workdir / run_lock.LOCK_FILE
   lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-  held = folder_run(workdir, root, *common)
-  assert held.returncode == 2 and "is in use by another train.py run" in one_error_line(held)
+  assert "is in use by another train.py run" in in_process_run(folder_config(root), workdir)
   gone = subprocess.Popen(["true"])
   gone.wait()
   lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid}))
@@ -105,9 +116,23 @@ def test_a_run_survives_a_bad_eval_image_ctrl_c_a_refused_resume_and_a_stale_loc
   assert finished.returncode == 0, why(finished.stderr)
   assert "took over the lock of an earlier run" in finished.stdout
   assert f"at step {stopped_at}" in finished.stdout and not lock.exists()
-  steps = [r["step"] for r in metrics(workdir) if "train/loss" in r]
-  assert len(steps) == len(set(steps)) and steps[-1] == 14
+  rows = metrics(workdir)
+  logged = [r for r in rows if "train/lr" in r]
+  assert [r["step"] for r in logged] == list(range(1, 22))  # one row per step
+  expected = official_update_lrs(2e-3 * 32 / 64, 2, 1, 1, 1e-6, 1e-5, updates_per_epoch=7)
+  np.testing.assert_allclose([r["train/lr"] for r in logged], expected, rtol=1e-5)
+  rates = [r for r in logged if "train/images_per_s_per_device" in r]
+  assert len(rates) >= 17 and all(r["train/images_per_s_per_device"] > 0 for r in rates)
+  assert [r["step"] for r in rows if "eval/top1" in r] == [14, 21]
   assert (workdir / "final").is_dir()
+
+
+def folder_config(root):
+  """The config folder_run gives train.py, for runs in this process."""
+  config = demo.get_config()
+  config.folder, config.eval_split, config.batch_size = str(root), "val", 32
+  config.data_dir, config.model_overrides.dims = str(root), (8, 16, 24, 32)
+  return config
 
 
 @pytest.mark.slow

@@ -318,7 +318,7 @@ def test_dense_backbone_matches_the_official_layout_at_detection_sizes(kind, rng
   model, variables = converted_state_dict(state_dict, TINY_V2[kind])
   assert model.features_only and "out_norms_3" in variables["params"]
   assert "head" not in variables["params"] and "norm" not in variables["params"]
-  for height, width in ((128, 128), (96, 160)):
+  for height, width in ((128, 128), (96, 160)) if kind == "hybrid" else ((96, 160),):
     x = rng.standard_normal((2, height, width, 3)).astype(np.float32)
     with torch.no_grad():
       expected = [e.numpy() for e in reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))]

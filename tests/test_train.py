@@ -509,45 +509,6 @@ def test_options_and_init_from_a_checkpoint_with_another_head(tmp_path, data_dir
 
 
 @pytest.mark.slow
-def test_class_per_folder_dataset_with_the_official_schedule(tmp_path, data_dir):
-  """A class-per-folder dataset through train.py on the official per-epoch schedule (one
-  warm-up epoch, one cosine epoch, one cooldown epoch): the lr logged for every update is
-  timm's for its epoch; every line carries images/s per device; steps 3-4 are profiled."""
-  from PIL import Image
-  from sklearn.datasets import load_digits
-  from test_recipe import official_update_lrs
-  digits = load_digits()
-  root = tmp_path / "folder"
-  for index, (image, label) in enumerate(zip(digits.images[:300], digits.target[:300])):
-    split = "val" if index % 5 == 0 else "train"
-    path = root / split / f"class_{label}"
-    path.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.uint8(image * 15)).convert("RGB").save(path / f"{index}.png")
-  workdir = tmp_path / "folder_run"
-  result = run_train(workdir, f"--config.folder={root}",
-                     "--config.eval_split=val", "--config.num_epochs=2",
-                     "--config.batch_size=32", "--config.lr_schedule=cosine_per_epoch",
-                     "--config.warmup_epochs=1", "--config.cooldown_epochs=1",
-                     "--config.log_every_steps=1", "--config.profile_steps=(2, 2)",
-                     data_dir=data_dir)
-  assert result.returncode == 0, why(result.stderr)
-  assert "240 images" in result.stdout and "7 steps/epoch, 21 steps" in result.stdout
-  assert json.loads((workdir / "class_names.json").read_text()) == [
-      f"class_{i}" for i in range(10)]
-  rows = metrics(workdir)
-  evals = [r for r in rows if "eval/top1" in r]
-  assert len(evals) == 3
-  logged = [r for r in rows if "train/lr" in r]
-  assert [r["step"] for r in logged] == list(range(1, 22))
-  expected = official_update_lrs(2e-3 * 32 / 64, 2, 1, 1, 1e-6, 1e-5, updates_per_epoch=7)
-  np.testing.assert_allclose([r["train/lr"] for r in logged], expected, rtol=1e-5)
-  assert all(r["train/images_per_s_per_device"] > 0 for r in logged[1:])  # after compiling
-  assert "(first step; compiled in" in result.stdout and "/device)" in result.stdout
-  traces = list((workdir / "profile").rglob("*.xplane.pb"))
-  assert traces and "profile of steps 3-4 written under" in result.stdout
-
-
-@pytest.mark.slow
 def test_spanetv2_trains_and_its_weights_serve_the_tools(tmp_path, data_dir):
   """A tiny SPANetV2 hybrid (ExSPAM, MixAttention, Attention) through train.py with LAMB
   and head dropout; evaluate.py on its workdir reproduces the run's last evaluation."""
