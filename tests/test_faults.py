@@ -38,6 +38,12 @@ def digit_folder(root: pathlib.Path, count: int = 300) -> pathlib.Path:
   return root
 
 
+# The fault runs' schedule and data are the same throughout: their training and
+# evaluation steps compile once for all of them (the tests' shared compilation cache).
+SCHEDULE = ("--config.num_epochs=2", "--config.warmup_epochs=1", "--config.cooldown_epochs=1",
+            "--config.lr_schedule=cosine_per_epoch", "--config.log_every_steps=1")
+
+
 def folder_run(workdir, root, *extra, wait=True):
   return run_train(workdir, f"--config.folder={root}", "--config.eval_split=val",
                    "--config.batch_size=32", *extra, wait=wait, data_dir=str(root),
@@ -65,9 +71,7 @@ def test_a_run_survives_a_bad_eval_image_ctrl_c_a_refused_resume_and_a_stale_loc
   bad = root / "val" / "class_0" / "bad.png"
   bad.write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
   workdir = tmp_path / "run"
-  common = ("--config.num_epochs=2", "--config.warmup_epochs=1", "--config.cooldown_epochs=1",
-            "--config.lr_schedule=cosine_per_epoch", "--config.log_every_steps=1",
-            "--config.checkpoint_every_steps=100")
+  common = SCHEDULE + ("--config.checkpoint_every_steps=100",)
 
   # An undecodable validation image: the epoch is saved first, the file is named.
   result = folder_run(workdir, root, *common, "--config.profile_steps=(2, 2)")
@@ -140,7 +144,7 @@ def test_an_undecodable_training_image_is_named_and_the_step_saved(tmp_path):
   root = digit_folder(tmp_path / "digits")
   bad = root / "train" / "class_3" / "empty.png"
   bad.write_bytes(b"")
-  result = folder_run(tmp_path / "run", root, "--config.num_epochs=1")
+  result = folder_run(tmp_path / "run", root, *SCHEDULE)
   assert result.returncode == 2
   line = one_error_line(result)
   assert f"cannot decode the training image {bad}" in line
@@ -272,9 +276,9 @@ def test_a_full_disk_during_training_is_one_line(tmp_path):
     pytest.skip("needs a small filesystem (mount -t tmpfs, as root): "
                 + mounted.stderr.decode().strip())
   try:
-    root = digit_folder(tmp_path / "digits", count=150)
-    result = folder_run(disk / "run", root, "--config.num_epochs=3",
-                        "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=100")
+    root = digit_folder(tmp_path / "digits")
+    result = folder_run(disk / "run", root, *SCHEDULE, "--config.checkpoint_every_steps=1",
+                        "--config.keep_checkpoints=100")
     assert result.returncode == 2, why(result.stderr)
     line = one_error_line(result)
     assert "no space left on the device; training stopped at step" in line

@@ -75,8 +75,8 @@ def load(path: str, **overrides: Any) -> LoadedModel:
                           "convert_torch_weights.py or train.py")
   if os.path.isfile(os.path.join(path, pretrained.METADATA_FILE)):
     return _load_pretrained_dir(path, overrides)
-  if os.path.isfile(os.path.join(path, "config.json")):
-    final = os.path.join(path, "final")
+  if os.path.isfile(os.path.join(path, workdir_layout.CONFIG_FILE)):
+    final = os.path.join(path, workdir_layout.FINAL_DIR)
     if os.path.isfile(os.path.join(final, pretrained.METADATA_FILE)):
       return _load_pretrained_dir(final, overrides)
     return _load_workdir_best(path, overrides)
@@ -118,14 +118,14 @@ def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
+    with open(os.path.join(workdir, workdir_layout.CONFIG_FILE)) as f:
       config = json.load(f)
     name = config["model"]
     registry.model_info(name)
     options = steps.described_options(steps.model_options(config))
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
     raise CheckpointError(f"{workdir}/config.json is not a train.py config: {err}") from None
-  best = os.path.join(workdir, "best")
+  best = os.path.join(workdir, workdir_layout.BEST_DIR)
   manager = ocp.CheckpointManager(best) if os.path.isdir(best) else None
   step = manager.latest_step() if manager else None
   if step is None:

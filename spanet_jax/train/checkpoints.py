@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from spanet_jax.models.pretrained import CheckpointError
+from spanet_jax.train import workdir as workdir_layout
 
 CHECKSUM_FILE = "checkpoint_checksums.json"
 DAMAGED_DIR = "damaged_checkpoints"
@@ -192,8 +193,8 @@ def restore_train_state(workdir: str, step: int | None = None, sharding=None) ->
       when it was saved.
   """
   directory = os.path.abspath(workdir)
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
-    directory = os.path.join(directory, "checkpoints")
+  if os.path.isdir(os.path.join(directory, workdir_layout.CHECKPOINTS_DIR)):
+    directory = os.path.join(directory, workdir_layout.CHECKPOINTS_DIR)
   if not os.path.isdir(directory):
     raise CheckpointError(f"no train.py checkpoints in {workdir}")
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -51,7 +51,7 @@ class _LogFile(std_logging.FileHandler):
 
 
 def log_to_file(workdir: str) -> None:
-  log_file = _LogFile(os.path.join(workdir, "train.log"))
+  log_file = _LogFile(os.path.join(workdir, workdir_layout.LOG_FILE))
   log_file.setFormatter(std_logging.Formatter(
       "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
   log_file.setLevel(std_logging.INFO)
@@ -72,7 +72,7 @@ SCHEDULE_KEYS = ("lr_schedule", "num_epochs", "warmup_epochs", "cooldown_epochs"
 def read_previous_config(workdir: str) -> dict:
   """The config.json a previous run left in `workdir` ({} if none or unreadable)."""
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
+    with open(os.path.join(workdir, workdir_layout.CONFIG_FILE)) as f:
       return json.load(f)
   except (OSError, ValueError):
     return {}
@@ -83,7 +83,7 @@ def check_data_order(workdir: str, config, num_examples: int, resuming: bool,
   """A step's batch is fixed by (seed, global batch, training examples): a run resumed
   with another of these would continue on other batches, so it stops instead. Any number
   of processes may resume a run: the batches do not depend on it."""
-  path = os.path.join(workdir, "data_order.json")
+  path = os.path.join(workdir, workdir_layout.DATA_ORDER_FILE)
   order = {"seed": config.seed, "batch_size": config.batch_size,
            "train_examples": num_examples}
   if resuming and os.path.exists(path):
@@ -255,7 +255,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, enabled: bool, resumed_at: int | None = None):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = os.path.join(workdir, workdir_layout.METRICS_FILE)
     self.tb = None
     if enabled:
       if resumed_at is not None:
@@ -431,7 +431,7 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,
   check_workdir(workdir)
   data = load_data(config, process, processes)
   previous_config = read_previous_config(workdir)
-  if previous_config and os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if previous_config and os.path.isdir(os.path.join(workdir, workdir_layout.CHECKPOINTS_DIR)):
     check_same_architecture(workdir, previous_config, config)
   # The workdir is made only once the data is known to be there: a mistake leaves nothing.
   created = not os.path.exists(workdir)
@@ -497,11 +497,11 @@ def set_up(config, workdir: str, data: Data, previous_config: dict, process: int
   abstract = jax.eval_shape(fresh_state, jax.random.PRNGKey(config.seed))
   state_sharding = partitioning.state(abstract)
   manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
+      os.path.join(workdir, workdir_layout.CHECKPOINTS_DIR),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
                                            enable_async_checkpointing=True))
   best_manager = ocp.CheckpointManager(
-      os.path.join(workdir, "best"),
+      os.path.join(workdir, workdir_layout.BEST_DIR),
       options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["eval/top1"],
                                            best_mode="max"))
   setup = Run(config, workdir, data, model, options, partitioning, schedule, optimizer,
@@ -523,7 +523,7 @@ def set_up(config, workdir: str, data: Data, previous_config: dict, process: int
     best_manager.close()
     raise
   if process == 0:  # after the checks: a refused resume keeps the run's own config
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(os.path.join(workdir, workdir_layout.CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     if data.class_names:  # for the tools, before final/ exists
       with open(os.path.join(workdir, workdir_layout.CLASS_NAMES_FILE), "w") as f:
@@ -573,7 +573,7 @@ def evaluate(setup: Run, eval_fn, state) -> dict:
 
 def save_final(setup: Run, state, step: int) -> str:
   """The run's weights (EMA's if kept) as a pretrained directory, WORKDIR/final."""
-  final = os.path.join(setup.workdir, "final")
+  final = os.path.join(setup.workdir, workdir_layout.FINAL_DIR)
   params = state.ema_params if state.ema_params is not None else state.params
   params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
   pretrained.save_pretrained(final, setup.config.model, params,

@@ -7,6 +7,8 @@ import os
 
 import jax
 
+from spanet_jax.train import workdir as workdir_layout
+
 # Peak dense bfloat16 FLOP/s per device (vendors' figures), matched against
 # jax.Device.device_kind. MFU is stated against these whatever the compute dtype.
 PEAK_FLOPS = (
@@ -63,7 +65,7 @@ class Profiler:
     start, count = tuple(profile_steps) if profile_steps else (0, 0)
     self.start, self.stop = start, start + count
     self.enabled = count > 0
-    self.directory = os.path.join(workdir, "profile")
+    self.directory = os.path.join(workdir, workdir_layout.PROFILE_DIR)
     self.running = False
 
   def after_step(self, step: int, state) -> None:
