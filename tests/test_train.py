@@ -181,6 +181,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, finished_run
   console = (stdout + stderr).splitlines()
   absl_format = [line for line in console if re.match(r"[IWEF]\d{4} ", line)]
   assert len(console) <= 30 and len(absl_format) <= 3, "\n".join(console)
+  assert "compiling the training step..." in stdout and "(first step; compiled in" in stdout
+  assert "oneDNN" not in stdout + stderr  # TensorFlow's start-up notice
   assert "checkpoint" in (whole / "train.log").read_text().lower()
 
   workdir = tmp_path / "resumed"
