@@ -2,6 +2,7 @@
 and each ends in one line. Training faults run train.py on a small class-per-folder set
 of real digit images (240 training, 60 validation: 7 steps of 32 per epoch)."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -234,15 +235,23 @@ def test_a_decompression_bomb_is_one_line(tmp_path):
   assert lines[-1].startswith(f"error: refusing {bomb}") and "decompression bomb" in lines[-1]
 
 
-def test_a_full_disk_during_conversion_is_one_line_and_leaves_nothing(tmp_path):
-  disk = tmp_path / "small_disk"
-  disk.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)],
+@contextlib.contextmanager
+def small_filesystem(path: pathlib.Path, size: str):
+  """A tmpfs of `size` at `path` for the duration (mounting needs root, as CI runs)."""
+  path.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                            capture_output=True, check=False)
   if mounted.returncode != 0:
     pytest.skip("needs a small filesystem (mount -t tmpfs, as root): "
                 + mounted.stderr.decode().strip())
   try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_full_disk_during_conversion_is_one_line_and_leaves_nothing(tmp_path):
+  with small_filesystem(tmp_path / "small_disk", "16k") as disk:
     pth = tmp_path / "tiny.pth"
     import torch
     torch.save(tiny_reference().state_dict(), pth)
@@ -261,26 +270,15 @@ def test_a_full_disk_during_conversion_is_one_line_and_leaves_nothing(tmp_path):
                                converted, "--output", disk / "back.pth")
     assert code == 2 and "no space left on the device" in stderr.strip().splitlines()[-1]
     assert os.listdir(disk) == []
-  finally:
-    subprocess.run(["umount", str(disk)], check=False)
 
 
 @pytest.mark.slow
 def test_a_full_disk_during_training_is_one_line(tmp_path):
-  """A workdir on a 600 KB filesystem: the first checkpoints fit, a later one does not."""
-  disk = tmp_path / "small_disk"
-  disk.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
-                           capture_output=True, check=False)
-  if mounted.returncode != 0:
-    pytest.skip("needs a small filesystem (mount -t tmpfs, as root): "
-                + mounted.stderr.decode().strip())
-  try:
+  """A workdir on a 600 KB filesystem: its state checkpoints do not fit."""
+  with small_filesystem(tmp_path / "small_disk", "600k") as disk:
     root = digit_folder(tmp_path / "digits")
     result = folder_run(disk / "run", root, *SCHEDULE, "--config.checkpoint_every_steps=1",
                         "--config.keep_checkpoints=100")
     assert result.returncode == 2, why(result.stderr)
     line = one_error_line(result)
     assert "no space left on the device; training stopped at step" in line
-  finally:
-    subprocess.run(["umount", str(disk)], check=False)
