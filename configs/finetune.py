@@ -1,16 +1,15 @@
 """Fine-tune a converted (or trained) checkpoint on a small class-per-folder dataset.
 
   python train.py --config configs/finetune.py --workdir DIR \
-      --config.init_from=weights/spanet_s --config.folder=/data/flowers \
-      --config.num_classes=5
+      --config.init_from=weights/spanet_s --config.folder=/data/flowers
 
 The ImageNet recipe of configs/default.py is for 1.28M images from scratch: on a few
 hundred images its batch-scaled learning rate is too small, its warm-up outlasts the
 run, and its mixing and RandAugment drown the signal. Here: an absolute lr of 1e-4 for
 AdamW (lr_base_batch = batch_size), one warm-up epoch, a smooth per-update cosine over
 30 epochs, light augmentation (crop and flip, no mixing, RandAugment or erasing), label
-smoothing 0.1, a line every 10 steps and an evaluation every epoch. The head is
-re-initialised for the new class count; every other tensor comes from init_from.
+smoothing 0.1, a line every 10 steps and an evaluation every epoch. The class count is
+the dataset's, the head re-initialised for it; every other tensor comes from init_from.
 """
 
 from configs import default
@@ -22,6 +21,7 @@ def get_config():
   config.init_from = ""  # required: a converted checkpoint or a train.py workdir
   config.folder = ""  # DIR/train/<class>/*, DIR/val/<class>/*
   config.eval_split = "val"
+  config.num_classes = -1  # the dataset's
   config.drop_path_rate = 0.1
 
   config.batch_size = 32

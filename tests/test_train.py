@@ -620,11 +620,12 @@ def test_finetune_config_adapts_trained_weights_to_a_new_class_set(tmp_path, fin
   result = subprocess.run(
       [sys.executable, "train.py", "--config", "configs/finetune.py", "--workdir",
        str(workdir), f"--config.init_from={finished_run[0]}",  # the workdir: its final/
-       f"--config.folder={root}", "--config.num_classes=4", "--config.num_epochs=8",
+       f"--config.folder={root}", "--config.num_epochs=8",
        "--config.image_size=32", "--config.crop_pct=1.0", "--config.hflip=0.0"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, why(result.stderr)
   assert "model from" in result.stdout and "spanet_s" in result.stdout
+  assert "4 classes in" in result.stdout  # configs/finetune.py takes the dataset's count
   assert "initialised" in result.stdout and "newly initialised: head/bias, head/kernel" \
       in result.stdout
   assert "warning: the peak learning rate" not in result.stdout

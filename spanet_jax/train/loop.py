@@ -308,6 +308,21 @@ def adopt_init_from_model(config) -> None:
         f"{config.model_overrides.to_dict() or ''}".rstrip(), flush=True)
 
 
+def take_num_classes_from_data(config) -> None:
+  """config.num_classes = -1 (configs/finetune.py): the dataset's class count."""
+  if config.num_classes != -1:
+    return
+  try:
+    classes = pipeline.dataset_num_classes(pipeline.make_builder(config))
+  except pipeline.DataError as err:
+    raise ConfigError(str(err)) from None
+  if classes is None:
+    raise ConfigError(f"config.num_classes=-1: {config.folder or config.dataset} does not say "
+                      "how many classes it has; set --config.num_classes")
+  config.num_classes = classes
+  print(f"{classes} classes in {config.folder or config.dataset}", flush=True)
+
+
 def expand_paths(config) -> None:
   """~ in the config's paths, as the tools and the shell expand it."""
   for key in PATH_KEYS:
@@ -425,6 +440,7 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,
   start_cluster(cluster)
   expand_paths(config)
   adopt_init_from_model(config)
+  take_num_classes_from_data(config)
   validate(config, jax.device_count())
   process, processes = jax.process_index(), jax.process_count()
   workdir = os.path.abspath(os.path.expanduser(workdir))
