@@ -30,15 +30,18 @@ from spanet_jax.train import checkpoints, mesh, monitoring, run_lock, schedules,
 from spanet_jax.train import workdir as workdir_layout
 
 
+def _not_orbax_errors(record: std_logging.LogRecord) -> bool:
+  """Orbax logs a failed save from each of its threads; the run reports it once."""
+  return not (record.levelno >= std_logging.ERROR and "orbax" in record.pathname)
+
+
 def quiet_console(verbose: bool) -> None:
   """The console keeps train.py's own lines, warnings and errors; library INFO lines
   (Orbax logs every checkpoint step, TFDS every shard) go to WORKDIR/train.log only."""
   if not verbose:
     handler = logging.get_absl_handler()
     handler.setLevel(std_logging.WARNING)
-    # Orbax logs a failed save from each of its threads; the run reports it once.
-    handler.addFilter(lambda record: not (record.levelno >= std_logging.ERROR
-                                          and "orbax" in record.pathname))
+    handler.addFilter(_not_orbax_errors)  # the same function: added once per process
     tfds.disable_progress_bar()
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -34,16 +35,11 @@ def total_epochs(config) -> int:
   return config.num_epochs + config.cooldown_epochs
 
 
-def epoch_lr(epoch, *, peak: float, warmup_lr: float, warmup_epochs: float,
-             num_epochs: int, min_lr: float):
-  """timm's cosine schedule (t_in_epochs) at `epoch`: a Python float or a jnp array."""
-  np_like = jnp if not isinstance(epoch, (int, float)) else math
+def epoch_lr(epoch: jax.Array, *, peak: float, warmup_lr: float, warmup_epochs: float,
+             num_epochs: int, min_lr: float) -> jax.Array:
+  """timm's cosine schedule (t_in_epochs) at the (float) epoch `epoch`."""
   warming = warmup_lr + epoch * (peak - warmup_lr) / max(warmup_epochs, 1e-12)
-  cosine = min_lr + 0.5 * (peak - min_lr) * (1 + np_like.cos(math.pi * epoch / num_epochs))
-  if np_like is math:
-    if epoch < warmup_epochs:
-      return warming
-    return cosine if epoch < num_epochs else min_lr
+  cosine = min_lr + 0.5 * (peak - min_lr) * (1 + jnp.cos(math.pi * epoch / num_epochs))
   return jnp.where(epoch < warmup_epochs, warming,
                    jnp.where(epoch < num_epochs, cosine, min_lr))
 
