@@ -162,7 +162,8 @@ class DepthwiseConv(nn.Module):
 
   The kernel is stored as (kh, kw, 1, C), the layout of a grouped nn.Conv.
   `impl="shift"` writes the convolution as a sum of shifted, scaled copies of the
-  input: XLA's CPU backend runs grouped convolutions far slower than this.
+  input: XLA's CPU backend runs grouped convolutions far slower than this. Inputs are
+  (B, H, W, C), or (B, C, H, W) with `channels_first`.
   """
   kernel_size: tuple[int, int]
   impl: str = "auto"  # "conv", "shift" or "auto" (shift on CPU, conv elsewhere)
@@ -174,8 +175,8 @@ class DepthwiseConv(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    channels = x.shape[-1]
+  def __call__(self, x: jax.Array, channels_first: bool = False) -> jax.Array:
+    channels = x.shape[1] if channels_first else x.shape[-1]
     kh, kw = self.kernel_size
     kernel = self.param("kernel", self.kernel_init or torch_default_kernel_init,
                         (kh, kw, 1, channels), self.param_dtype)
@@ -186,13 +187,16 @@ class DepthwiseConv(nn.Module):
     if impl == "auto":
       impl = platform.depthwise_impl()
     if impl == "shift":
-      return depthwise.shifted_depthwise_sum(x, kernel[:, :, 0], bias)
+      return depthwise.shifted_depthwise_sum(x, kernel[:, :, 0], bias, channels_first)
     if impl != "conv":
       raise ValueError(f"unknown depthwise convolution impl {self.impl!r}")
+    layout = "NCHW" if channels_first else "NHWC"
     y = jax.lax.conv_general_dilated(
         x, kernel, window_strides=(1, 1), padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
-    return y + bias if self.use_bias else y
+        dimension_numbers=(layout, "HWIO", layout), feature_group_count=channels)
+    if not self.use_bias:
+      return y
+    return y + (bias[:, None, None] if channels_first else bias)
 
 
 class DropPath(nn.Module):

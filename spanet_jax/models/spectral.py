@@ -109,6 +109,16 @@ def spectral_filter(x: jax.Array, mask_half: jax.Array) -> jax.Array:
     return jnp.fft.irfft2(spectrum, s=(height, width), axes=(1, 2), norm="ortho")
 
 
+def channels_first_spectral_filter(x: jax.Array, mask_half: jax.Array) -> jax.Array:
+  """spectral_filter for x (B, C, H, W) and a mask (C, H, W // 2 + 1): XLA transforms
+  the innermost axes, so this layout needs no transposes around the FFTs."""
+  height, width = x.shape[2:]
+  with jax.named_scope(FILTER_SCOPE):
+    spectrum = jnp.fft.rfft2(x.astype(jnp.float32), axes=(2, 3), norm="ortho")
+    spectrum = spectrum * mask_half.astype(jnp.float32)
+    return jnp.fft.irfft2(spectrum, s=(height, width), axes=(2, 3), norm="ortho")
+
+
 def reference_spectral_filter(x: np.ndarray, centred: np.ndarray) -> np.ndarray:
   """The official full-FFT formulation for (B, H, W, C) x and a centred (H, W) mask (numpy)."""
   spectrum = np.fft.fftshift(np.fft.fft2(x, axes=(1, 2), norm="ortho"), axes=(1, 2))

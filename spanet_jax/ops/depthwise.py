@@ -4,14 +4,22 @@ and the one-pass per-tap gradient sum it shares with grouped.py."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 
-def _shifted_views(x: jax.Array, kh: int, kw: int) -> list[jax.Array]:
-  """The kh * kw zero-padded, shifted copies of x (B, H, W, C) that the taps of a
-  (kh, kw) depthwise kernel multiply, in kernel order. For a column kernel (kh, 1) they
-  are shifts of the flattened (B, H * W, C) rows."""
+def _shifted_views(x: jax.Array, kh: int, kw: int,
+                   channels_first: bool = False) -> list[jax.Array]:
+  """The kh * kw zero-padded, shifted copies of x (B, H, W, C), or (B, C, H, W) when
+  `channels_first`, that the taps of a (kh, kw) depthwise kernel multiply, in kernel
+  order. For a column kernel (kh, 1) on (B, H, W, C) they are shifts of the flattened
+  (B, H * W, C) rows."""
+  if channels_first:
+    height, width = x.shape[2:]
+    padded = jnp.pad(x, ((0, 0), (0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)))
+    return [padded[:, :, i:i + height, j:j + width] for i in range(kh) for j in range(kw)]
   batch, height, width, channels = x.shape
   if kw == 1:
     rows = x.reshape(batch, height * width, channels)
@@ -21,11 +29,13 @@ def _shifted_views(x: jax.Array, kh: int, kw: int) -> list[jax.Array]:
   return [padded[:, i:i + height, j:j + width, :] for i in range(kh) for j in range(kw)]
 
 
-def _shifted_sum(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  views = _shifted_views(x, *kernel.shape[:2])
-  y = bias
+def _shifted_sum(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                 channels_first: bool = False) -> jax.Array:
+  views = _shifted_views(x, *kernel.shape[:2], channels_first)
+  per_channel = (lambda v: v[:, None, None]) if channels_first else (lambda v: v)
+  y = per_channel(bias) if bias.ndim else bias
   for view, tap in zip(views, kernel.reshape(len(views), -1)):
-    y = y + view * tap
+    y = y + view * per_channel(tap)
   return jnp.broadcast_to(y, views[0].shape).reshape(x.shape)
 
 
@@ -67,10 +77,25 @@ def tap_gradients(views: list[jax.Array], grad_y: jax.Array) -> jax.Array:
   return jnp.sum(jnp.stack([folded(view) for view in views], axis=-2), axis=0)
 
 
-@jax.custom_vjp
-def shifted_depthwise_sum(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """bias + sum over taps of shifted, per-channel scaled copies of x (B, H, W, C): a
-  depthwise convolution, stride 1, zero padding of kernel // 2, kernel (kh, kw, C).
+def _channels_first_tap_gradients(views: list[jax.Array], grad_y: jax.Array) -> jax.Array:
+  """tap_gradients for (B, C, H, W) views: each tap's products added over the batch
+  elementwise in one pass (as tap_gradients folds the positions), then reduced."""
+  def folded(view):
+    product = (view * grad_y).astype(jnp.float32)
+    total = product[0]
+    for i in range(1, product.shape[0]):
+      total = total + product[i]
+    return total
+
+  return jnp.sum(jnp.stack([folded(view) for view in views]), axis=(2, 3))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def shifted_depthwise_sum(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                          channels_first: bool = False) -> jax.Array:
+  """bias + sum over taps of shifted, per-channel scaled copies of x (B, H, W, C), or
+  (B, C, H, W) with `channels_first`: a depthwise convolution, stride 1, zero padding
+  of kernel // 2, kernel (kh, kw, C), bias (C,) or a scalar.
 
   Two details keep XLA:CPU from recomputing every tap inside each consumer of the
   result: the bias goes in first, so the last operation adds two full-size arrays, and
@@ -81,22 +106,28 @@ def shifted_depthwise_sum(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> j
   every shifted copy of x for the kernel's gradient (kh * kw - 1 extra activations per
   convolution, over a quarter of SPANet-S's training scratch). This one keeps x alone.
   """
-  return _shifted_sum(x, kernel, bias)
+  return _shifted_sum(x, kernel, bias, channels_first)
 
 
-def _shifted_depthwise_sum_fwd(x, kernel, bias):
-  return _shifted_sum(x, kernel, bias), (x, kernel, bias)
+def _shifted_depthwise_sum_fwd(x, kernel, bias, channels_first):
+  return _shifted_sum(x, kernel, bias, channels_first), (x, kernel, bias)
 
 
-def _shifted_depthwise_sum_bwd(residuals, grad_y):
+def _shifted_depthwise_sum_bwd(channels_first, residuals, grad_y):
   x, kernel, bias = residuals
   kh, kw, channels = kernel.shape
   # y[p] = sum_t k[t] x[p + t - r], so dx[q] = sum_t k[t] dy[q - t + r]: the same sum
   # of dy with the kernel flipped.
-  grad_x = _shifted_sum(grad_y, kernel[::-1, ::-1], jnp.zeros((channels,), grad_y.dtype))
-  views = _shifted_views(x, kh, kw)
+  grad_x = _shifted_sum(grad_y, kernel[::-1, ::-1], jnp.zeros((channels,), grad_y.dtype),
+                        channels_first)
+  views = _shifted_views(x, kh, kw, channels_first)
   grad_y = grad_y.reshape(views[0].shape)
-  grad_kernel = tap_gradients(views, grad_y)
+  if channels_first:
+    grad_kernel = _channels_first_tap_gradients(views, grad_y)
+    channel_axis = 1
+  else:
+    grad_kernel = tap_gradients(views, grad_y)
+    channel_axis = grad_y.ndim - 1
   # XLA:CPU hands a plain reduction to YNNPACK, which reads dy from memory, so dy is
   # materialised once. With no such reader XLA fuses dy's producer (in SPAM, the next
   # convolution's input gradient, itself a kh * kw-tap sum) into the kernel-gradient
@@ -105,7 +136,8 @@ def _shifted_depthwise_sum_bwd(residuals, grad_y):
   # executable, and a SPANet-S training step 7% slower). The bias gradient is that
   # reduction; the kernel gradient takes a zero made from it, so that it stays when
   # there is no bias or its gradient is not asked for.
-  grad_bias = jnp.sum(grad_y.astype(jnp.float32), axis=tuple(range(grad_y.ndim - 1)))
+  grad_bias = jnp.sum(grad_y.astype(jnp.float32),
+                      axis=tuple(a for a in range(grad_y.ndim) if a != channel_axis))
   grad_kernel = grad_kernel + grad_bias * 0
   if bias.ndim == 0:  # a scalar stand-in for "no bias"
     grad_bias = jnp.sum(grad_bias)

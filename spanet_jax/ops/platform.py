@@ -57,6 +57,13 @@ def spectral_impl() -> str:
   return "fft" if backend() == "cpu" else "dft"
 
 
+def channels_first_fft() -> bool:
+  """SPANetV2's depthwise convolutions and FFTs in (B, C, H, W) on CPU: XLA:CPU fuses the
+  convolutions into the transposes around channels-last FFTs, computing every tap with
+  strided reads (see spanetv2.ExSPAM)."""
+  return backend() == "cpu"
+
+
 def strided_conv_impl(in_features: int) -> str:
   """Downsampling convolutions: one matrix product over gathered windows on CPU, except
   for the 3-channel stem, whose windows are too narrow to gather efficiently."""
