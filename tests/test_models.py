@@ -480,3 +480,60 @@ def test_remat_gives_the_same_gradients(name):
   for plain, again in zip(jax.tree.leaves(grads(model)), jax.tree.leaves(grads(rematted))):
     scale = float(jnp.max(jnp.abs(plain))) + 1e-12
     assert float(jnp.max(jnp.abs(plain - again))) <= 2e-5 * scale
+
+
+@pytest.mark.parametrize("kernel_size,use_bias", [((3, 3), True), ((5, 5), False), ((1, 7), True)])
+def test_channels_first_depthwise_sum_and_its_gradient_are_the_grouped_convolutions(
+    kernel_size, use_bias, rng):
+  """The (B, C, H, W) form ExSPAM uses on CPU, value and (x, kernel, bias) gradients,
+  against autodiff of lax's grouped convolution in NCHW."""
+  kh, kw = kernel_size
+  x = jnp.asarray(rng.standard_normal((3, 6, 9, 11)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal(kernel_size + (6,)), jnp.float32)
+  bias = (jnp.asarray(rng.standard_normal(6), jnp.float32) if use_bias
+          else jnp.zeros((), jnp.float32))
+  weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+  def grouped(x, kernel, bias):
+    y = jax.lax.conv_general_dilated(
+        x, kernel[:, :, None, :], (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+        dimension_numbers=("NCHW", "HWIO", "NCHW"), feature_group_count=6,
+        precision=jax.lax.Precision.HIGHEST)
+    return y + (bias[:, None, None] if bias.ndim else bias)
+
+  shifted = lambda x, kernel, bias: depthwise.shifted_depthwise_sum(x, kernel, bias, True)
+  np.testing.assert_allclose(jax.jit(shifted)(x, kernel, bias), grouped(x, kernel, bias),
+                             rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(grouped(x, kernel, bias)))))
+  loss = lambda f: lambda x, kernel, bias: jnp.sum(f(x, kernel, bias) * weights)
+  want = jax.grad(loss(grouped), argnums=(0, 1, 2))(x, kernel, bias)
+  got = jax.jit(jax.grad(loss(shifted), argnums=(0, 1, 2)))(x, kernel, bias)
+  for name, g, w in zip(("x", "kernel", "bias"), got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    np.testing.assert_allclose(g, w, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(w))),
+                               err_msg=name)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_layer_norm_gradient_is_autodiffs(use_bias, rng):
+  """norms.layer_norm's hand-written gradient against autodiff of the plain formula."""
+  x = jnp.asarray(rng.standard_normal((2, 5, 7, 12)) * 3 + 1, jnp.float32)
+  scale = jnp.asarray(rng.standard_normal(12), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(12), jnp.float32) if use_bias else None
+  weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+  def plain(x, scale, bias):
+    centred = x - jnp.mean(x, -1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(centred ** 2, -1, keepdims=True) + 1e-6) * scale
+    return y if bias is None else y + bias
+
+  loss = lambda f: lambda x, scale, bias: jnp.sum(f(x, scale, bias) * weights)
+  written = lambda x, scale, bias: norms.layer_norm(x, scale, bias, 1e-6)
+  np.testing.assert_allclose(written(x, scale, bias), plain(x, scale, bias), rtol=0, atol=1e-5)
+  want = jax.grad(loss(plain), argnums=(0, 1, 2))(x, scale, bias)
+  got = jax.jit(jax.grad(loss(written), argnums=(0, 1, 2)))(x, scale, bias)
+  for name, g, w in zip(("x", "scale", "bias"), got, want):
+    if w is None:
+      assert g is None
+      continue
+    np.testing.assert_allclose(g, w, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(w))),
+                               err_msg=name)

@@ -78,12 +78,8 @@ class ChannelLayerNorm(nn.Module):
     bias = (self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
             if self.use_bias else None)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
-    values = x.astype(dtype)
-    centred = values - norms.channel_mean(values)
-    inv_std = jax.lax.rsqrt(norms.channel_mean(jnp.square(centred)) + self.epsilon)
-    y = centred * inv_std * scale.astype(dtype)
-    if bias is not None:
-      y = y + bias.astype(dtype)
+    y = norms.layer_norm(x, scale.astype(dtype), None if bias is None else bias.astype(dtype),
+                         self.epsilon)
     params = (scale,) if bias is None else (scale, bias)
     return y.astype(self.dtype or jnp.result_type(x, *params))
 

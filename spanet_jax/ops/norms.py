@@ -100,3 +100,53 @@ def channel_mean(x: jax.Array) -> jax.Array:
     if platform.channel_mean_as_product():
       return x @ jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
     return jnp.mean(x, axis=-1, keepdims=True)
+
+
+def _layer_norm(x, scale, bias, epsilon):
+  """(y, mean, 1 / std) of a LayerNorm over the last axis, statistics in float32."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = channel_mean(x)
+  centred = x - mean
+  with jax.named_scope(STATISTICS_SCOPE):
+    inv_std = jax.lax.rsqrt(channel_mean(jnp.square(centred)) + epsilon)
+  y = centred * inv_std * scale
+  return (y if bias is None else y + bias), mean, inv_std
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None,
+               epsilon: float) -> jax.Array:
+  """LayerNorm over the last axis (biased variance, statistics in at least float32),
+  scale and optional bias per channel; returned in float32 (or wider): callers cast.
+
+  The gradient is written out with its channel means taken as channel_mean takes them:
+  autodiff of the products with the column of 1 / C gave outer products with a row of
+  1 / C, which XLA:CPU ran as (N, 1) x (1, C) matrix products (SPANetV2-S18's 36
+  norms: ~0.2 s of a ~2 s training step). It keeps the input and two numbers per row.
+  """
+  return _layer_norm(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  y, mean, inv_std = _layer_norm(x, scale, bias, epsilon)
+  return y, (x, scale, bias, mean, inv_std)
+
+
+def _layer_norm_bwd(epsilon, residuals, grad_y):
+  del epsilon
+  x, scale, bias, mean, inv_std = residuals
+  x = recompute.recompute_here(x, grad_y)
+  dtype = inv_std.dtype
+  grad_y = grad_y.astype(dtype)
+  x_hat = (x.astype(dtype) - mean) * inv_std
+  rows = tuple(range(x.ndim - 1))
+  grad_scale = jnp.sum(grad_y * x_hat, rows).astype(scale.dtype)
+  grad_bias = None if bias is None else jnp.sum(grad_y, rows).astype(bias.dtype)
+  g = grad_y * scale.astype(dtype)
+  with jax.named_scope(STATISTICS_SCOPE):
+    mean_g, mean_g_x_hat = channel_mean(g), channel_mean(g * x_hat)
+  grad_x = inv_std * (g - mean_g - x_hat * mean_g_x_hat)
+  return grad_x.astype(x.dtype), grad_scale, grad_bias
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
