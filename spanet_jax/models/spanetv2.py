@@ -152,6 +152,25 @@ class ChannelsFirstDense(nn.Module):
     return y.reshape(batch, self.features, height, width)
 
 
+class SplitDense(nn.Module):
+  """nn.Dense without bias (same parameter, `parts * features` outputs) as `parts`
+  separate products: the gradients of the parts then need not be gathered into one
+  array (with the hybrid attention's layout, a transposed copy XLA:CPU fused the
+  gradient products into)."""
+  parts: int
+  features: int
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    kernel = self.param("kernel", _weight_init, (x.shape[-1], self.parts * self.features),
+                        self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    return [x @ kernel[:, i * self.features:(i + 1) * self.features]
+            for i in range(self.parts)]
+
+
 class Attention(nn.Module):
   """Multi-head self-attention over all H x W tokens, head dim 32, no biases.
   `mix=True` is MixAttention: a depthwise 7x7 conv of v is added before the projection."""
@@ -167,8 +186,9 @@ class Attention(nn.Module):
     heads = max(channels // self.head_dim, 1)
     inner = heads * self.head_dim
     dense = lambda features, name: _dense(features, False, self.dtype, self.param_dtype, name)
-    qkv = dense(3 * inner, "qkv")(x).reshape(batch, height * width, 3, heads, self.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
+    q, k, v = (y.reshape(batch, height * width, heads, self.head_dim)  # (B, N, heads, dim)
+               for y in SplitDense(3, inner, self.dtype, self.param_dtype, name="qkv")(
+                   x.reshape(-1, channels)))
     out = attention.dot_product_attention(q, k, v, self.head_dim ** -0.5).reshape(
         batch, height, width, inner)
     if self.mix:
