@@ -43,27 +43,25 @@ def parse_args(argv=None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-class UsageError(Exception):
-  pass
-
-
 def _check_output(path: str, overwrite: bool, is_directory: bool) -> None:
   """Refuse, before any work, an output that exists (unless --overwrite), that is of the
   wrong kind, or whose folder cannot be created or written (its parents are created when
   writing)."""
+  from spanet_jax.tools import cli  # pylint: disable=g-import-not-at-top
+
   if os.path.exists(path):
     if not overwrite:
-      raise UsageError(f"{path} already exists; pass --overwrite to replace it")
+      raise cli.UsageError(f"{path} already exists; pass --overwrite to replace it")
     if is_directory != os.path.isdir(path):
-      raise UsageError(f"--output {path} is a {'file' if is_directory else 'directory'}; "
+      raise cli.UsageError(f"--output {path} is a {'file' if is_directory else 'directory'}; "
                        f"the output is a {'directory' if is_directory else 'file'}")
   ancestor = os.path.dirname(os.path.abspath(path))
   while not os.path.exists(ancestor):
     ancestor = os.path.dirname(ancestor)
   if not os.path.isdir(ancestor):
-    raise UsageError(f"cannot create --output {path}: {ancestor} is a file")
+    raise cli.UsageError(f"cannot create --output {path}: {ancestor} is a file")
   if not os.access(ancestor, os.W_OK | os.X_OK):
-    raise UsageError(f"cannot create --output {path}: {ancestor} is not writable")
+    raise cli.UsageError(f"cannot create --output {path}: {ancestor} is not writable")
 
 
 def _report(results) -> bool:
@@ -129,23 +127,23 @@ def to_torch(args) -> int:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from spanet_jax import convert  # pylint: disable=g-import-not-at-top
-  from spanet_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  from spanet_jax.models import pretrained, registry  # pylint: disable=g-import-not-at-top
   from spanet_jax.tools import cli  # pylint: disable=g-import-not-at-top
 
-  pretrained.ignore_failed_read_reports()  # Orbax's threads' aftermath of a failed write
-  try:
-    if args.model is not None:
-      registry.model_info(args.model)
-    cli.refuse_output_over_input(args.output, "--output", [args.input])
-    _check_output(args.output, args.overwrite, is_directory=not args.to_torch)
-    return to_torch(args) if args.to_torch else to_flax(args)
-  except (UsageError, cli.UsageError, convert.ConversionError, pretrained.CheckpointError,
-          preprocess.ImageError, ValueError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
+  return cli.run(lambda: _convert(args))
 
+
+def _convert(args) -> int:
+  from spanet_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from spanet_jax.tools import cli  # pylint: disable=g-import-not-at-top
+
+  if args.model is not None:
+    try:
+      registry.model_info(args.model)
+    except ValueError as err:
+      raise cli.UsageError(str(err)) from None
+  cli.refuse_output_over_input(args.output, "--output", [args.input])
+  _check_output(args.output, args.overwrite, is_directory=not args.to_torch)
+  return to_torch(args) if args.to_torch else to_flax(args)
 
 if __name__ == "__main__":
   sys.exit(main())

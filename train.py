@@ -22,6 +22,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from spanet_jax import errors
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configuration file (configs/*.py)",
                                 lock_config=True)
@@ -79,7 +81,7 @@ def main(argv) -> None:
              if FLAGS.distributed else None)
   try:
     loop.run(FLAGS.config, FLAGS.workdir, cluster=cluster, verbose=FLAGS.verbose)
-  except loop.ConfigError as err:
+  except errors.UserError as err:  # the config, the data or the workdir
     print(f"error: {err}", file=sys.stderr)
     exit_now(2)
   except loop.LossNotFinite as err:

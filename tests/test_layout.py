@@ -8,15 +8,17 @@ import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "spanet_jax"
 
-# Each subpackage may import the ones listed (and itself); nothing else.
+# Each subpackage may import the ones listed (and itself); nothing else. `errors` (the
+# user errors' base class) is the bottom layer, which every other may import.
 ALLOWED = {
-    "ops": set(),
-    "models": {"ops"},
-    "convert": {"models"},
-    "data": set(),
-    "reference": {"models", "data"},
-    "train": {"models", "ops", "data"},
-    "tools": {"models", "ops", "data", "train", "convert"},
+    "errors": set(),
+    "ops": {"errors"},
+    "models": {"errors", "ops"},
+    "convert": {"errors", "models"},
+    "data": {"errors"},
+    "reference": {"errors", "models", "data"},
+    "train": {"errors", "models", "ops", "data"},
+    "tools": {"errors", "models", "ops", "data", "train", "convert"},
 }
 
 
@@ -103,3 +105,19 @@ def test_importing_the_package_loads_no_framework():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        check=True).stdout
   assert out.strip() == "[]"
+
+
+def test_user_errors_share_one_base_class():
+  """Every error class of the package and its scripts derives from errors.UserError, so
+  one handler (tools.cli.run, train.py) turns each into one line without a traceback."""
+  scripts = sorted(PACKAGE.parent.glob("*.py"))
+  sources = [path for _, path, _ in _modules()] + scripts
+  stray = []
+  for path in sources:
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
+        bases = [ast.unparse(base) for base in node.bases]
+        if bases not in (["errors.UserError"], ["Exception"]) or (
+            bases == ["Exception"] and node.name != "UserError"):
+          stray.append(f"{path.name}:{node.name}({', '.join(bases)})")
+  assert stray == []

@@ -7,8 +7,10 @@ import dataclasses
 import re
 from typing import Iterable
 
+from spanet_jax import errors
 
-class ConversionError(Exception):
+
+class ConversionError(errors.UserError):
   """A checkpoint that cannot be converted; the message says why, for the user."""
 
 

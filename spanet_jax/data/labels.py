@@ -13,10 +13,12 @@ import functools
 import importlib.util
 import os
 
+from spanet_jax import errors
+
 NUM_IMAGENET_CLASSES = 1000
 
 
-class LabelsError(Exception):
+class LabelsError(errors.UserError):
   """The label files are missing from the installed TFDS."""
 
 

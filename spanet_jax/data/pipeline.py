@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from spanet_jax import errors
 from spanet_jax.data import conversion, preprocess, transforms
 
 
@@ -31,7 +32,7 @@ def keep_tensorflow_off_accelerators() -> None:
     pass
 
 
-class DataError(Exception):
+class DataError(errors.UserError):
   """A dataset that cannot be found or read; the message says what to do."""
 
 

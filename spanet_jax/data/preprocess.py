@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from spanet_jax import errors
+
 _RESAMPLE = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST"}
 
 # Colour photographs that ship inside scikit-image (no download needed).
@@ -21,7 +23,7 @@ SAMPLE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg",
                  "motorcycle_left.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
 
 
-class ImageError(Exception):
+class ImageError(errors.UserError):
   """An image file that cannot be opened or decoded."""
 
 

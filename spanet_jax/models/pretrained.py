@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from spanet_jax import errors
 from spanet_jax.models import registry
 
 METADATA_FILE = "spanet.json"
@@ -32,7 +33,7 @@ PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(errors.UserError):
   """A pretrained directory that cannot be read; the message says why."""
 
 

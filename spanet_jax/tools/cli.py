@@ -8,36 +8,24 @@ import sys
 import tempfile
 from typing import Callable
 
+from spanet_jax import errors
 from spanet_jax.data import labels, preprocess
 from spanet_jax.models import pretrained
 
 
-class UsageError(Exception):
+class UsageError(errors.UserError):
   """A bad argument; the message says which and why."""
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-  """Exceptions that mean the user's input is wrong (one message, exit 2, no traceback)."""
-  errors = [UsageError, pretrained.CheckpointError, preprocess.ImageError, labels.LabelsError]
-  # Only tools that read datasets or export import TensorFlow: their errors are known
-  # once their modules are.
-  if "spanet_jax.data.pipeline" in sys.modules:
-    errors.append(sys.modules["spanet_jax.data.pipeline"].DataError)
-  if "spanet_jax.tools.export" in sys.modules:
-    errors.append(sys.modules["spanet_jax.tools.export"].ExportError)
-  return tuple(errors)
-
-
 def run(main: Callable[[], int]) -> int:
-  """Call `main`; a user error becomes `error: ...` on stderr and exit status 2."""
+  """Call `main`; a user error (errors.UserError) becomes `error: ...` on stderr and exit
+  status 2. Every command-line tool goes through here."""
   pretrained.ignore_failed_read_reports()
   try:
     return main()
-  except Exception as err:  # pylint: disable=broad-except
-    if isinstance(err, user_errors()):
-      print(f"error: {err}", file=sys.stderr)
-      return 2
-    raise
+  except errors.UserError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
 
 
 def write_atomically(path: str, text: str) -> None:

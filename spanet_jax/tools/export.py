@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spanet_jax import errors
 from spanet_jax.ops import platform
 
 
-class ExportError(Exception):
+class ExportError(errors.UserError):
   """An artifact that cannot be written as asked; the message says why."""
 
 

@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
 
+from spanet_jax import errors
 from spanet_jax.data import pipeline, preprocess, randaugment
 from spanet_jax.models import flops, pretrained, registry
 from spanet_jax.train import checkpoints, mesh, monitoring, run_lock, schedules, steps
@@ -115,7 +116,7 @@ def check_same_architecture(workdir: str, previous: dict, config) -> None:
         "cannot be resumed with this config. Use the run's own values, or a new --workdir")
 
 
-class ConfigError(Exception):
+class ConfigError(errors.UserError):
   """A mistake in the config, the command line or the workdir: one line for the user."""
 
 
