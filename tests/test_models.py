@@ -10,9 +10,9 @@ torch = pytest.importorskip("torch")  # the PyTorch references need it
 from flax import linen as nn
 
 import spanet_jax
-from spanet_jax.models import layers, metaformer, spanet
+from spanet_jax.models import layers, metaformer, spanet, spanetv2
 from spanet_jax.reference import spanet_torch
-from spanet_jax.ops import activations, batching, depthwise, norms
+from spanet_jax.ops import activations, batching, depthwise, norms, platform
 from conftest import TINY, TINY_ARCH, TINY_V2
 
 
@@ -537,3 +537,26 @@ def test_layer_norm_gradient_is_autodiffs(use_bias, rng):
       continue
     np.testing.assert_allclose(g, w, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(w))),
                                err_msg=name)
+
+
+@pytest.mark.parametrize("name,option,value", [
+    (TINY, "spectral_impl", "fast"), (TINY, "depthwise_impl", "grouped"),
+    (TINY, "conv_impl", "winograd"), ("spanetv2_s18_pure", "spectral_impl", "lowrank")])
+def test_option_values_are_checked_when_the_model_is_built(name, option, value):
+  with pytest.raises(ValueError, match=f"unknown {option} '{value}'; choose from auto"):
+    spanet_jax.create_model(name, **{option: value})
+  with pytest.raises(ValueError, match=f"unknown {option} '{value}'"):
+    (layers.DepthwiseConv((3, 3), impl=value) if option == "depthwise_impl" else
+     layers.StridedConv(8, (3, 3), impl=value) if option == "conv_impl" else
+     spanet.SPAM(radius=2, mask_size=(8, 8), spectral_impl=value) if name == TINY else
+     spanetv2.ExSPAM((8, 8), spectral_impl=value))
+
+
+def test_every_auto_choice_is_the_platforms():
+  """SPAM's filter with fixed masks is the low-rank form on every backend; learned masks
+  take FFTs on CPU and DFT products on accelerators (ops.platform)."""
+  for backend in ("cpu", "gpu", "tpu"):
+    with platform.target(backend):
+      assert spanet.SPAM(radius=2, mask_size=(8, 8))._spectral_impl() == "lowrank"
+      learned = spanet.SPAM(radius=2, mask_size=(8, 8), learnable_masks=True)._spectral_impl()
+      assert learned == ("fft" if backend == "cpu" else "dft")

@@ -103,6 +103,10 @@ class StridedConv(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
+  def __post_init__(self):
+    platform.check_option("conv_impl", self.impl, platform.STRIDED_CONV_IMPLS)
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kh, kw = self.kernel_size
@@ -120,10 +124,8 @@ class StridedConv(nn.Module):
       y = jax.lax.conv_general_dilated(
           x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
           dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    elif impl == "im2col":
-      y = im2col.strided_conv(x, kernel, stride, pad)
     else:
-      raise ValueError(f"unknown convolution impl {self.impl!r}")
+      y = im2col.strided_conv(x, kernel, stride, pad)
     return y + bias
 
 
@@ -170,6 +172,10 @@ class DepthwiseConv(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
+  def __post_init__(self):
+    platform.check_option("depthwise_impl", self.impl, platform.DEPTHWISE_IMPLS)
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, x: jax.Array, channels_first: bool = False) -> jax.Array:
     channels = x.shape[1] if channels_first else x.shape[-1]
@@ -184,8 +190,6 @@ class DepthwiseConv(nn.Module):
       impl = platform.depthwise_impl()
     if impl == "shift":
       return depthwise.shifted_depthwise_sum(x, kernel[:, :, 0], bias, channels_first)
-    if impl != "conv":
-      raise ValueError(f"unknown depthwise convolution impl {self.impl!r}")
     layout = "NCHW" if channels_first else "NHWC"
     y = jax.lax.conv_general_dilated(
         x, kernel, window_strides=(1, 1), padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),

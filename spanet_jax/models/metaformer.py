@@ -13,14 +13,14 @@ forward_head(pre_logits), feature_info, features_only, out_indices, batch_parts,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from spanet_jax.models import layers
-from spanet_jax.ops import batching
+from spanet_jax.ops import batching, platform
 
 Dtype = Any
 ModuleDef = Any  # a Module class, or a functools.partial of one
@@ -115,6 +115,15 @@ class MetaFormer(nn.Module):
   batch_parts: int | None = None
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
+  # The spectral_impl values the family's token mixers know.
+  spectral_impls: ClassVar[tuple[str, ...]] = platform.SPECTRAL_IMPLS
+
+  def __post_init__(self):
+    # Wrong option values fail when the model is built, not when first called.
+    platform.check_option("spectral_impl", self.spectral_impl, self.spectral_impls)
+    platform.check_option("depthwise_impl", self.depthwise_impl, platform.DEPTHWISE_IMPLS)
+    platform.check_option("conv_impl", self.conv_impl, platform.STRIDED_CONV_IMPLS)
+    super().__post_init__()
 
   # -- what a family defines ----------------------------------------------------------
 

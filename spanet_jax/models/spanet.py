@@ -15,7 +15,7 @@ from spanet_jax.ops import platform
 
 Dtype = Any
 # How the spectral filter is computed; all are exact (see spectral.py).
-SPECTRAL_IMPLS = ("auto", "fft", "lowrank", "dft")
+SPECTRAL_IMPLS = platform.SPECTRAL_IMPLS
 
 
 class SPAM(nn.Module):
@@ -29,18 +29,18 @@ class SPAM(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
-  def _spectral_impl(self) -> str:
-    impl = self.spectral_impl
-    if impl not in SPECTRAL_IMPLS:
-      raise ValueError(f"unknown spectral_impl {impl!r}; choose from {', '.join(SPECTRAL_IMPLS)}")
-    if impl == "auto":
-      if not self.learnable_masks:
-        return "lowrank"
-      return platform.spectral_impl()
-    if impl == "lowrank" and self.learnable_masks:
+  def __post_init__(self):
+    platform.check_option("spectral_impl", self.spectral_impl, SPECTRAL_IMPLS)
+    platform.check_option("depthwise_impl", self.depthwise_impl, platform.DEPTHWISE_IMPLS)
+    if self.spectral_impl == "lowrank" and self.learnable_masks:
       raise ValueError("spectral_impl='lowrank' needs the fixed masks; with learnable masks "
                        "use 'fft' or 'dft'")
-    return impl
+    super().__post_init__()
+
+  def _spectral_impl(self) -> str:
+    if self.spectral_impl == "auto":
+      return platform.spectral_impl(fixed_masks=not self.learnable_masks)
+    return self.spectral_impl
 
   def _filter(self, x: jax.Array) -> jax.Array:
     """The spectral pooling filter of every channel chunk by FFT or DFT, in float32

@@ -7,7 +7,7 @@ learned sigmoid masks; the hybrid variants use self-attention in the last two st
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ from spanet_jax.ops import activations, attention, grouped, platform
 
 Dtype = Any
 TOKEN_MIXERS = ("exspam", "mixattention", "attention")
-SPECTRAL_IMPLS = ("auto", "fft", "dft")  # the masks are learned: no low-rank form
+SPECTRAL_IMPLS = platform.LEARNED_MASK_SPECTRAL_IMPLS
 
 # SPANetV2 initialises every Linear and Conv2d weight with trunc_normal(0.02), biases 0.
 _weight_init = layers.trunc_normal_init
@@ -60,10 +60,12 @@ class ExSPAM(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
+  def __post_init__(self):
+    platform.check_option("spectral_impl", self.spectral_impl, SPECTRAL_IMPLS)
+    platform.check_option("depthwise_impl", self.depthwise_impl, platform.DEPTHWISE_IMPLS)
+    super().__post_init__()
+
   def _spectral_impl(self) -> str:
-    if self.spectral_impl not in SPECTRAL_IMPLS:
-      raise ValueError(f"unknown spectral_impl {self.spectral_impl!r} for SPANetV2; choose "
-                       f"from {', '.join(SPECTRAL_IMPLS)}")
     if self.spectral_impl == "auto":
       return platform.spectral_impl()
     return self.spectral_impl
@@ -266,6 +268,7 @@ class SPANetV2(metaformer.MetaFormer):
   # Feature sizes of the four stages at the 224 training resolution: the learned masks'.
   filter_sizes: Sequence[int] = (56, 28, 14, 7)
   head_dropout: float = 0.0
+  spectral_impls: ClassVar[tuple[str, ...]] = SPECTRAL_IMPLS
 
   def downsampling(self) -> list[metaformer.ModuleDef]:
     return [functools.partial(Downsampling, dim, stem=i == 0, conv_impl=self.conv_impl,

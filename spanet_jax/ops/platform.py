@@ -51,9 +51,26 @@ def backend_for_platforms(platforms) -> str:
   raise ValueError("no platform given")
 
 
-def spectral_impl() -> str:
-  """SPAM's spectral filter with learned or unconstrained masks: FFTs on CPU; elsewhere
+# The values each option takes; "auto" resolves below.
+SPECTRAL_IMPLS = ("auto", "fft", "lowrank", "dft")
+LEARNED_MASK_SPECTRAL_IMPLS = ("auto", "fft", "dft")  # no low-rank form of learned masks
+DEPTHWISE_IMPLS = ("auto", "shift", "conv")
+STRIDED_CONV_IMPLS = ("auto", "im2col", "conv")
+
+
+def check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
+  """ValueError naming the choices when `value` is not one of `allowed`; modules call
+  this when they are built, not when first called."""
+  if value not in allowed:
+    raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(allowed)}")
+
+
+def spectral_impl(fixed_masks: bool = False) -> str:
+  """The spectral filter: with SPANet's fixed masks the low-rank form everywhere (two
+  small products, exact); with learned or unconstrained masks FFTs on CPU, elsewhere
   DFTs as matrix products, which keep TPUs and GPUs on their matrix units."""
+  if fixed_masks:
+    return "lowrank"
   return "fft" if backend() == "cpu" else "dft"
 
 
