@@ -22,6 +22,8 @@ import io
 import os
 import sys
 
+from spanet_jax import outputs
+
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
@@ -138,17 +140,11 @@ def analyse(args) -> int:
   writer = csv.writer(text)
   writer.writerow(frequency_analysis.CSV_HEADER)
   writer.writerows(rows)
-  # Draw into a temporary sibling first, so a failure leaves no half-written figure.
-  out = os.path.abspath(args.out)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  staging = os.path.join(os.path.dirname(out), f".staging.{os.path.basename(out)}")
-  try:
-    frequency_analysis.plot(results, staging)
+  def draw(temporary: str) -> None:  # the table is written once the figure is drawn
+    frequency_analysis.plot(results, temporary)
     cli.write_atomically(csv_path, text.getvalue())
-    os.replace(staging, out)
-  finally:
-    if os.path.exists(staging):
-      os.remove(staging)
+
+  outputs.write_file(args.out, draw)
   print(f"wrote {args.out} and {csv_path}")
   return 0
 

@@ -9,16 +9,19 @@ import sys
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "spanet_jax"
 
 # Each subpackage may import the ones listed (and itself); nothing else. `errors` (the
-# user errors' base class) is the bottom layer, which every other may import.
+# user errors' base class) and `outputs` (atomic writes) are the bottom layer, which
+# every other may import.
+BASE = {"errors", "outputs"}
 ALLOWED = {
     "errors": set(),
-    "ops": {"errors"},
-    "models": {"errors", "ops"},
-    "convert": {"errors", "models"},
-    "data": {"errors"},
-    "reference": {"errors", "models", "data"},
-    "train": {"errors", "models", "ops", "data"},
-    "tools": {"errors", "models", "ops", "data", "train", "convert"},
+    "outputs": set(),
+    "ops": BASE,
+    "models": BASE | {"ops"},
+    "convert": BASE | {"models"},
+    "data": BASE,
+    "reference": BASE | {"models", "data"},
+    "train": BASE | {"models", "ops", "data"},
+    "tools": BASE | {"models", "ops", "data", "train", "convert"},
 }
 
 

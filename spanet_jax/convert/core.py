@@ -10,12 +10,16 @@ happens in `load_state_dict_file` / `save_state_dict_file` only.
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import zipfile
 from typing import Any, Mapping
 
+import jax
 import ml_dtypes
 import numpy as np
 
+from spanet_jax import outputs
 from spanet_jax.convert import spanet_keys, spanetv2_keys
 from spanet_jax.convert.entries import (AS_IS, CONV, GROUPED, LINEAR, MASK, POINTWISE,
                                        VECTOR, ConversionError, Entry)
@@ -252,7 +256,6 @@ def _check_mask(entry: Entry, stored: np.ndarray, size: int, radius: float) -> N
 
 def _param_shapes(model) -> dict:
   """The Flax model's own parameter shapes (abstract: nothing is computed)."""
-  import jax  # pylint: disable=g-import-not-at-top
 
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32))
@@ -317,8 +320,6 @@ def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
   Raises:
     ConversionError: no such file, or bytes that are not a checkpoint of tensors.
   """
-  import pickle  # pylint: disable=g-import-not-at-top
-  import zipfile  # pylint: disable=g-import-not-at-top
 
   import torch  # pylint: disable=g-import-not-at-top
 
@@ -356,17 +357,10 @@ def save_state_dict_file(state_dict: Mapping[str, np.ndarray], path: str) -> Non
   import torch  # pylint: disable=g-import-not-at-top
 
   tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
   try:
-    torch.save(tensors, tmp)
-    os.replace(tmp, path)
+    outputs.write_file(path, lambda temporary: torch.save(tensors, temporary))
   except (OSError, RuntimeError) as err:  # a full disk, a lost permission
     raise ConversionError(pretrained.write_error(path, err)) from None
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 # Block and stage indices in keys and paths, generalised for the key tables in docs/.

@@ -16,6 +16,7 @@ import os
 from typing import Any, Iterator
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -343,7 +344,6 @@ def eval_batches(source: Source, data_config: preprocess.DataConfig, local_batch
 def _eval_pixels(encoded: bytes, data_config: preprocess.DataConfig):
   """Encoded image -> (resized, cropped uint8 pixels, True), or (zeros, False) if it
   cannot be decoded."""
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
 
   try:
     with Image.open(io.BytesIO(encoded)) as image:

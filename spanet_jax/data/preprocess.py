@@ -13,6 +13,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from spanet_jax import errors
 
@@ -29,7 +30,6 @@ class ImageError(errors.UserError):
 
 def load_image(path: str):
   """Open an image file as an RGB PIL image."""
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
 
   if not os.path.isfile(path):
     raise ImageError(f"no such image: {path}")
@@ -55,7 +55,6 @@ def to_rgb(image):
   Raises:
     ValueError: a float image holding NaN or infinity.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
 
   if image.mode == "RGB":
     return image.copy()
@@ -106,7 +105,6 @@ def eval_pixels(image, input_size: int = 224, crop_pct: float = 0.9,
       photograph has). Cropping first would bound the memory but not give PIL's
       pixels, so such images are refused rather than prepared differently.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
 
   scale_size = math.floor(input_size / crop_pct)
   width, height = image.size

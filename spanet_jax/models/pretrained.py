@@ -24,8 +24,9 @@ import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from spanet_jax import errors
+from spanet_jax import errors, outputs
 from spanet_jax.models import registry
 
 METADATA_FILE = "spanet.json"
@@ -83,15 +84,7 @@ def save_pretrained(directory: str, model_name: str, params: Mapping,
       checkpointer.wait_until_finished()
     _sync("spanet_jax.save_pretrained: params written")
     if primary:
-      if os.path.exists(directory):
-        old = directory + ".old"
-        if os.path.exists(old):  # left by an interrupted earlier overwrite
-          shutil.rmtree(old)
-        os.replace(directory, old)
-        os.replace(staging, directory)
-        shutil.rmtree(old)
-      else:
-        os.replace(staging, directory)
+      outputs.replace(staging, directory)
   except (OSError, ValueError, RuntimeError) as err:  # a full disk, a lost permission
     raise CheckpointError(write_error(directory, err)) from None
   finally:
@@ -163,7 +156,6 @@ def describe_model(info: registry.ModelInfo, overrides: Mapping[str, Any] | None
 
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 

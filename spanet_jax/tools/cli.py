@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from typing import Callable
 
-from spanet_jax import errors
+from spanet_jax import errors, outputs
 from spanet_jax.data import labels, preprocess
 from spanet_jax.models import pretrained
 
@@ -29,26 +28,12 @@ def run(main: Callable[[], int]) -> int:
 
 
 def write_atomically(path: str, text: str) -> None:
-  """Write `text` to `path` through a temporary sibling, so readers never see half a file."""
-  path = os.path.abspath(path)
+  """Write `text` to `path` through outputs.write_text; a full disk or a lost permission
+  is a one-line error."""
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+    outputs.write_text(path, text)
   except OSError as err:
-    raise UsageError(pretrained.write_error(path, err)) from None
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for secrets, not results
-    os.replace(tmp, path)
-  except OSError as err:  # a full disk, a lost permission
-    os.unlink(tmp)
-    raise UsageError(pretrained.write_error(path, err)) from None
-  except BaseException:
-    os.unlink(tmp)
-    raise
+    raise UsageError(pretrained.write_error(os.path.abspath(path), err)) from None
 
 
 def check_writable(path: str) -> None:

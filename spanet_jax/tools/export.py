@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spanet_jax import errors
+from spanet_jax import errors, outputs
 from spanet_jax.ops import platform
 
 
@@ -77,7 +77,7 @@ def savedmodel(model, variables, size: tuple[int, int], path: str, batch: int | 
   staging = path.rstrip("/") + ".staging"
   shutil.rmtree(staging, ignore_errors=True)
   tf.saved_model.save(module, staging, signatures={"serving_default": signature})
-  _replace(staging, path)
+  outputs.replace(staging, path)
 
 
 def tflite(savedmodel_path: str, path: str) -> None:
@@ -92,9 +92,7 @@ def tflite(savedmodel_path: str, path: str) -> None:
                (str(err) + "\n" + noise.read_text()).splitlines() if "error: " in line]
     raise ExportError("the TFLite converter does not take this model: "
                       f"{reasons[0] if reasons else type(err).__name__}") from None
-  with open(path + ".partial", "wb") as f:
-    f.write(flatbuffer)
-  os.replace(path + ".partial", path)
+  outputs.write_bytes(path, flatbuffer)
 
 
 def run_tflite(path: str, images: np.ndarray) -> np.ndarray:
@@ -125,24 +123,6 @@ def _stderr_to_file():
         os.close(saved)
 
 
-def _remove(path: str) -> None:
-  if os.path.isdir(path) and not os.path.islink(path):
-    shutil.rmtree(path, ignore_errors=True)
-  elif os.path.lexists(path):
-    os.remove(path)
-
-
-def _replace(staging: str, path: str) -> None:
-  if os.path.lexists(path):
-    old = path.rstrip("/") + ".old"
-    _remove(old)
-    os.replace(path, old)
-    os.replace(staging, path)
-    _remove(old)
-  else:
-    os.replace(staging, path)
-
-
 def check_output(path: str, overwrite: bool) -> None:
   if os.path.exists(path) and not overwrite:
     raise ExportError(f"{path} exists; pass --overwrite or choose another --output")
@@ -164,10 +144,7 @@ def compare(want: np.ndarray, got: np.ndarray) -> float:
 def replace_output(artifact: str, path: str) -> None:
   """Move the finished `artifact` to `path`; an old output there is set aside first and
   removed only once the new one is in place."""
-  if os.path.isdir(path) or os.path.isdir(artifact):
-    _replace(artifact, path)
-  else:
-    os.replace(artifact, path)
+  outputs.replace(artifact, path)
 
 
 def contract_path(output: str) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from spanet_jax.data import labels, preprocess
 from spanet_jax.models import pretrained, registry
@@ -115,8 +116,6 @@ def _load_pretrained_dir(path: str, overrides: dict) -> LoadedModel:
 
 
 def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
   try:
     with open(os.path.join(workdir, workdir_layout.CONFIG_FILE)) as f:
       config = json.load(f)

@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from spanet_jax import outputs
 from spanet_jax.models.pretrained import CheckpointError
 from spanet_jax.train import workdir as workdir_layout
 
@@ -86,11 +87,7 @@ def record_checksums(manager, step: int, state, primary: bool) -> None:
   keep = {str(s) for s in manager.all_steps()} | {str(step)}
   record = {k: v for k, v in record.items() if k in keep}
   record[str(step)] = sums
-  path = _checksum_path(manager)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(record, f)
-  os.replace(tmp, path)
+  outputs.write_text(_checksum_path(manager), json.dumps(record))
 
 
 def _first_line(err: Exception) -> str:

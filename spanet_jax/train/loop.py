@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
 
-from spanet_jax import errors
+from spanet_jax import errors, outputs
 from spanet_jax.data import pipeline, preprocess, randaugment
 from spanet_jax.models import flops, pretrained, registry
 from spanet_jax.train import checkpoints, mesh, monitoring, run_lock, schedules, steps
@@ -101,8 +101,7 @@ def check_data_order(workdir: str, config, num_examples: int, resuming: bool,
           f"would not continue its batches. Use the run's config.seed and config.batch_size "
           f"and the same training data, or a new --workdir")
   elif write:
-    with open(path, "w") as f:
-      json.dump(order, f)
+    outputs.write_text(path, json.dumps(order))
 
 
 def check_same_architecture(workdir: str, previous: dict, config) -> None:
@@ -275,9 +274,7 @@ class MetricWriter:
       return
     kept = [row for row in rows if json.loads(row).get("step", 0) <= step]
     if len(kept) != len(rows):
-      with open(self.path + ".tmp", "w") as f:
-        f.writelines(kept)
-      os.replace(self.path + ".tmp", self.path)
+      outputs.write_text(self.path, "".join(kept))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -543,11 +540,11 @@ def set_up(config, workdir: str, data: Data, previous_config: dict, process: int
     best_manager.close()
     raise
   if process == 0:  # after the checks: a refused resume keeps the run's own config
-    with open(os.path.join(workdir, workdir_layout.CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    outputs.write_text(os.path.join(workdir, workdir_layout.CONFIG_FILE),
+                       config.to_json_best_effort(indent=2))
     if data.class_names:  # for the tools, before final/ exists
-      with open(os.path.join(workdir, workdir_layout.CLASS_NAMES_FILE), "w") as f:
-        json.dump(data.class_names, f)
+      outputs.write_text(os.path.join(workdir, workdir_layout.CLASS_NAMES_FILE),
+                         json.dumps(data.class_names))
   return setup, state, latest
 
 

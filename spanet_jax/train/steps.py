@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from spanet_jax.data import augment
+from spanet_jax.models import registry
 
 
 @flax.struct.dataclass
@@ -36,8 +37,6 @@ def model_options(config) -> dict[str, Any]:
   """The create_model options a training config asks for (without dtype): what builds
   the model in train.py (described_options gives what its saved weights are described
   with)."""
-  from spanet_jax.models import registry  # pylint: disable=g-import-not-at-top
-
   overrides = config["model_overrides"]
   overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
   options = {"num_classes": config["num_classes"], "drop_path_rate": config["drop_path_rate"],
