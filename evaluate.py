@@ -90,12 +90,12 @@ def make_source(args, loaded):
     return pipeline.folder_source(args.data, class_index), {"by": rule, "folders": class_index}
   if ":" not in args.data:
     raise cli.UsageError(f"--data {args.data}: no such directory, and not DATASET:SPLIT")
-  from configs import default  # pylint: disable=g-import-not-at-top
+  from spanet_jax.data import settings  # pylint: disable=g-import-not-at-top
 
-  config = default.get_config()
-  config.dataset, split = args.data.split(":", 1)
-  config.data_dir, config.manual_dir = args.data_dir, args.manual_dir
-  builder = pipeline.make_builder(config, {"data_dir": "--data-dir", "manual_dir": "--manual-dir",
+  dataset, split = args.data.split(":", 1)
+  source = settings.DatasetSource(dataset=dataset, data_dir=args.data_dir,
+                                  manual_dir=args.manual_dir, folder="", train_split=split)
+  builder = pipeline.make_builder(source, {"data_dir": "--data-dir", "manual_dir": "--manual-dir",
                                            "folder": "--data DIR"})
   names = pipeline.class_names(builder)
   if names is not None and len(names) != loaded.num_classes:

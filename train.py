@@ -76,9 +76,11 @@ def main(argv) -> None:
   if FLAGS.host_malloc == "keep" or (FLAGS.host_malloc == "auto" and host_memory.cpu_only()):
     host_memory.keep_freed_memory()
   from spanet_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from spanet_jax.tools import cli  # pylint: disable=g-import-not-at-top
 
   cluster = (loop.Cluster(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
              if FLAGS.distributed else None)
+  cli.ignore_failed_read_reports()
   try:
     loop.run(FLAGS.config, FLAGS.workdir, cluster=cluster, verbose=FLAGS.verbose)
   except errors.UserError as err:  # the config, the data or the workdir

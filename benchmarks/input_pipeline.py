@@ -30,6 +30,7 @@ import jax  # noqa: E402,F401  pylint: disable=unused-import  (train.py's proces
 
 import spanet_jax  # noqa: E402
 from spanet_jax.data import pipeline, preprocess  # noqa: E402
+from spanet_jax.data import settings as data_settings
 
 
 def load_config(path: str):
@@ -60,7 +61,8 @@ def main(argv=None) -> int:
   config.batch_size = args.batch
   try:
     start = time.perf_counter()
-    source = pipeline.make_source(pipeline.make_builder(config), config.train_split)
+    builder = pipeline.make_builder(data_settings.DatasetSource.from_config(config))
+    source = pipeline.make_source(builder, config.train_split)
     if args.eval:  # the model's own evaluation preprocessing, as train.py evaluates
       info = spanet_jax.model_info(config.model)
       eval_data = preprocess.DataConfig(config.image_size, info.crop_pct, info.mean, info.std,
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
       batches = (batch for batch, _ in pipeline.eval_batches(source, eval_data, config.batch_size,
                                                          0, 1, config.prefetch))
     else:
-      batches = pipeline.train_batches(source, config, config.batch_size, args.start_step, 0, 1)
+      batches = pipeline.train_batches(source, data_settings.TrainInput.from_config(config),
+                                      config.batch_size, args.start_step, 0, 1)
     times = []
     for _ in range(args.batches):
       batch = next(batches)

@@ -1,10 +1,7 @@
 """SPANet-B on ImageNet-1k with the official recipe (docs/architecture.md, Training recipe)."""
 
-from configs import default
+from configs import spanet
 
 
 def get_config():
-  config = default.get_config()
-  config.model = "spanet_b"
-  config.drop_path_rate = 0.3
-  return config
+  return spanet.get_config("b")

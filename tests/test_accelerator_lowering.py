@@ -13,6 +13,7 @@ from configs import default
 from spanet_jax.models import registry
 from spanet_jax.ops import platform
 from spanet_jax.train import schedules, steps
+from spanet_jax.train import settings
 
 
 PLATFORMS = ("cuda", "tpu")
@@ -31,12 +32,15 @@ def test_train_and_eval_steps_export_for_accelerators(name, options):
   assert platform.backend_for_platforms(PLATFORMS) == "tpu"
   with platform.target("tpu"):
     model = registry.build_model(name, layers=(1, 1, 1, 1), dtype=jnp.bfloat16, **options)
-    optimizer = steps.make_optimizer(config, schedules.learning_rate_schedule(config, 10))
+    typed = settings.of(config)
+    optimizer = steps.make_optimizer(typed.optimiser,
+                                     schedules.learning_rate_schedule(typed.schedule, 10))
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
     state = jax.eval_shape(
-        lambda p: steps.init_state(model, optimizer, p, config, jax.random.PRNGKey(0)), params)
+        lambda p: steps.init_state(model, optimizer, p, typed.step, jax.random.PRNGKey(0)),
+        params)
     train = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
-                                      config=config, mean=(0.5,) * 3, std=(0.5,) * 3))
+                                      options=typed.step, mean=(0.5,) * 3, std=(0.5,) * 3))
     evaluate = jax.jit(functools.partial(steps.eval_step, model=model))
     exported_train = jax.export.export(train, platforms=PLATFORMS)(
         state, {"image": images, "label": labels})

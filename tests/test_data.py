@@ -15,6 +15,11 @@ from PIL import Image
 
 from configs import default
 from spanet_jax.data import augment, pipeline, preprocess, transforms
+from spanet_jax.data import settings as data_settings
+
+
+def _builder(config):
+  return pipeline.make_builder(data_settings.DatasetSource.from_config(config))
 
 
 def erase(images, seed, probability):
@@ -122,11 +127,12 @@ def digits(tmp_path_factory):
   config = default.get_config()
   config.dataset, config.data_dir = "sklearn_digits", str(tmp_path_factory.mktemp("tfds"))
   config.image_size = 32
-  return config, pipeline.make_source(pipeline.make_builder(config), "train")  # 1,437 examples
+  return config, pipeline.make_source(_builder(config), "train")  # 1,437 examples
 
 
 def take(config, source, global_batch, start, count, process=0, processes=1):
-  stream = pipeline.train_batches(source, config, global_batch, start, process, processes)
+  stream = pipeline.train_batches(source, data_settings.TrainInput.from_config(config),
+                                  global_batch, start, process, processes)
   return [next(stream) for _ in range(count)]
 
 
@@ -180,7 +186,7 @@ def test_every_example_once_per_epoch_over_processes_and_process_count_free(digi
 def test_eval_batches_count_every_example_once_over_processes(tmp_path):
   config = default.get_config()
   config.dataset, config.data_dir = "sklearn_digits", str(tmp_path)
-  source = pipeline.make_source(pipeline.make_builder(config), "test")  # 360 examples
+  source = pipeline.make_source(_builder(config), "test")  # 360 examples
   data_config = preprocess.DataConfig(32, 1.0, (0.5,) * 3, (0.5,) * 3)
   seen = []
   counts = []
@@ -217,7 +223,7 @@ def test_missing_dataset_says_what_to_do(tmp_path):
   config = default.get_config()
   config.data_dir, config.manual_dir = str(tmp_path), str(tmp_path / "manual")
   with pytest.raises(pipeline.DataError, match="ILSVRC2012_img_train.tar.*manual"):
-    pipeline.make_builder(config)
+    _builder(config)
 
 
 def test_a_tfrecord_dataset_gets_an_array_record_copy_with_the_same_examples(tmp_path):
@@ -228,7 +234,7 @@ def test_a_tfrecord_dataset_gets_an_array_record_copy_with_the_same_examples(tmp
     pipeline.make_source(builder, "test")
   config = default.get_config()
   config.dataset, config.data_dir = "sklearn_digits", str(tmp_path)
-  source = pipeline.make_source(pipeline.make_builder(config), "test")
+  source = pipeline.make_source(_builder(config), "test")
   expected = list(builder.as_dataset("test", shuffle_files=False,
                                      decoders={"image": tfds.decode.SkipDecoding()}))
   assert source.num_examples == len(expected) == 360
@@ -265,7 +271,7 @@ def test_missing_imagenet_names_one_folder_and_leaves_no_empty_folders(tmp_path)
   config = default.get_config()
   config.dataset, config.data_dir = "imagenet2012", str(tmp_path / "tfds")
   with pytest.raises(pipeline.DataError) as raised:
-    pipeline.make_builder(config)
+    _builder(config)
   text = str(raised.value)
   manual = os.path.join(str(tmp_path / "tfds"), "downloads", "manual")
   assert f"its source files are not in {manual}" in text and "--config.manual_dir" in text

@@ -12,6 +12,7 @@ from configs import default
 from spanet_jax.models import registry, spectral
 from spanet_jax.ops import norms, platform
 from spanet_jax.train import schedules, steps
+from spanet_jax.train import settings
 
 PRODUCTS = ("conv_general_dilated", "dot_general")
 
@@ -36,14 +37,17 @@ def test_bfloat16_training_step_dtypes(name, dims, backend):
   config.model, config.dtype = name, "bfloat16"
   with platform.target(backend):
     model = registry.build_model(name, dtype=jnp.bfloat16, layers=(1, 1, 1, 1), dims=dims)
-    optimizer = steps.make_optimizer(config, schedules.learning_rate_schedule(config, 10))
+    typed = settings.of(config)
+    optimizer = steps.make_optimizer(typed.optimiser,
+                                     schedules.learning_rate_schedule(typed.schedule, 10))
     images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.uint8)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
     state = jax.eval_shape(
-        lambda p: steps.init_state(model, optimizer, p, config, jax.random.PRNGKey(0)), params)
+        lambda p: steps.init_state(model, optimizer, p, typed.step, jax.random.PRNGKey(0)),
+        params)
     batch = {"image": images, "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
     step = functools.partial(steps.train_step, model=model, optimizer=optimizer,
-                             config=config, mean=(0.5,) * 3, std=(0.5,) * 3)
+                             options=typed.step, mean=(0.5,) * 3, std=(0.5,) * 3)
     closed = jax.make_jaxpr(step)(state, batch)
   operations = list(traced_operations(closed.jaxpr))
 

@@ -18,6 +18,7 @@ from spanet_jax import convert
 from spanet_jax.data import augment
 from spanet_jax.models import registry
 from spanet_jax.train import schedules, steps
+from spanet_jax.train import settings
 from conftest import TINY, state_dict_numpy, tiny_reference
 
 
@@ -60,13 +61,14 @@ def test_official_schedule_gives_timm_per_epoch_lr_for_every_update(accum, warmu
   peak = 1e-3 * 256 * accum / 1024
   expected = official_update_lrs(peak, 12, warmup, 10, 1e-6, 1e-5, updates_per_epoch=4)
   assert len(expected) == 88
-  schedule = schedules.learning_rate_schedule(config, batches_per_epoch=4 * accum)
+  schedule = schedules.learning_rate_schedule(settings.of(config).schedule,
+                                              batches_per_epoch=4 * accum)
   ours = [float(schedule(count)) for count in range(88)]
   np.testing.assert_allclose(ours, expected, rtol=1e-6)
   if warmup:
     assert ours[:4] == [pytest.approx(1e-6, rel=1e-6)] * 4  # the whole first epoch
     assert max(ours[:20]) < peak and ours[20] < peak  # the peak itself is never used
-  assert schedules.total_epochs(config) == 22
+  assert settings.of(config).schedule.total_epochs == 22
 
 
 def official_adamw(model, lr, weight_decay=0.05):
@@ -105,11 +107,12 @@ def test_adamw_updates_with_the_official_schedule_match_pytorch():
   config.batch_size, config.lr_base_batch = 4, 4  # peak lr: the absolute 1e-3
   config.mixup = config.cutmix = config.random_erasing = 0.0
   config.drop_path_rate = 0.0
-  schedule = schedules.learning_rate_schedule(config, batches_per_epoch=1)
-  optimizer = steps.make_optimizer(config, schedule)
-  state = steps.init_state(model, optimizer, start, config, jax.random.PRNGKey(0))
+  schedule = schedules.learning_rate_schedule(settings.of(config).schedule, batches_per_epoch=1)
+  optimizer = steps.make_optimizer(settings.of(config).optimiser, schedule)
+  state = steps.init_state(model, optimizer, start, settings.of(config).step, jax.random.PRNGKey(0))
   train_step = jax.jit(functools.partial(steps.train_step, model=model, optimizer=optimizer,
-                                         config=config, mean=info.mean, std=info.std))
+                                         options=settings.of(config).step, mean=info.mean,
+                                               std=info.std))
 
   lrs = official_update_lrs(1e-3, 3, 1, 1, 1e-6, 1e-5, updates_per_epoch=1)
   torch_optimizer = official_adamw(reference, lrs[0])

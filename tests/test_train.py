@@ -19,6 +19,8 @@ import pytest
 from configs import default
 from spanet_jax.data import augment
 from spanet_jax.train import schedules, steps
+from spanet_jax.data import settings as data_settings
+from spanet_jax.train import settings
 from conftest import shared_across_workers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +59,7 @@ def prepare_digits(path):
   from spanet_jax.data import pipeline
   config = default.get_config()
   config.dataset, config.data_dir = "sklearn_digits", str(path)
-  pipeline.make_builder(config)
+  pipeline.make_builder(data_settings.DatasetSource.from_config(config))
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +116,7 @@ def test_per_update_schedule_warms_up_then_decays_to_min_lr():
   config = default.get_config()
   config.num_epochs, config.warmup_epochs, config.batch_size = 10, 2, 512
   config.lr_schedule = "cosine_per_update"
-  schedule = schedules.learning_rate_schedule(config, batches_per_epoch=100)
+  schedule = schedules.learning_rate_schedule(settings.of(config).schedule, batches_per_epoch=100)
   assert float(schedule(0)) == pytest.approx(1e-6, rel=1e-5)
   assert float(schedule(200)) == pytest.approx(5e-4, rel=1e-5)  # 1e-3 * 512 / 1024
   assert float(schedule(1000)) == pytest.approx(1e-5, rel=1e-5)
@@ -567,7 +569,8 @@ def test_a_tfds_dataset_prepared_as_tfrecord_trains_and_resumes(tmp_path):
   assert "is stored as tfrecord; writing an ArrayRecord copy beside it" in first.stdout
   assert "step 44/44" in first.stdout
 
-  reopened = pipeline.make_builder(default_config_for(data_dir))
+  reopened = pipeline.make_builder(
+      data_settings.DatasetSource.from_config(default_config_for(data_dir)))
   copy = reopened.as_data_source("train", file_format="array_record")
   original = [r.numpy() for r in tf.data.TFRecordDataset(
       sorted(str(p) for p in (data_dir / "sklearn_digits" / "1.1.0").glob("*train.tfrecord*")))]

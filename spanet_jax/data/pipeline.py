@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from spanet_jax import errors
-from spanet_jax.data import conversion, preprocess, transforms
+from spanet_jax.data import conversion, preprocess, settings, transforms
 
 
 def keep_tensorflow_off_accelerators() -> None:
@@ -109,9 +109,9 @@ TRAIN_FLAGS = {"data_dir": "--config.data_dir", "manual_dir": "--config.manual_d
                "folder": "--config.folder"}
 
 
-def make_builder(config, flags: dict[str, str] = TRAIN_FLAGS):
+def make_builder(config: settings.DatasetSource, flags: dict[str, str] = TRAIN_FLAGS):
   """The dataset `config` names: a FolderTree for `config.folder`, else a TFDS builder
-  (prepared as ArrayRecord on first use)."""
+  (prepared as ArrayRecord on first use). `flags` name the options in messages."""
   keep_tensorflow_off_accelerators()
   data_dir = config.data_dir or None
   if config.folder:
@@ -146,7 +146,7 @@ def make_builder(config, flags: dict[str, str] = TRAIN_FLAGS):
   return builder
 
 
-def prepare(builder, config, flags: dict[str, str]) -> None:
+def prepare(builder, config: settings.DatasetSource, flags: dict[str, str]) -> None:
   """Download and prepare `builder`'s dataset; a dataset that needs files the user must
   download (ImageNet) is one message naming the folder, leaving no empty folders."""
   if isinstance(builder, SklearnDigits):
@@ -229,8 +229,8 @@ def train_positions(step: int, global_batch: int, local_batch: int, process_inde
   return range(first, first + local_batch)
 
 
-def train_batches(source: Source, config, global_batch: int, start_step: int,
-                  process_index: int, process_count: int) -> Iterator[dict]:
+def train_batches(source: Source, config: settings.TrainInput, global_batch: int,
+                  start_step: int, process_index: int, process_count: int) -> Iterator[dict]:
   """Endless training batches for this process, from global step `start_step` on:
   uint8 images (normalised and erased on the device, in the training step) and labels.
 
@@ -414,8 +414,8 @@ def dataset_num_classes(builder) -> int | None:
     return None
 
 
-def unreadable_example(source: Source, config, global_batch: int, step: int,
-                       process_index: int, process_count: int) -> str | None:
+def unreadable_example(source: Source, config: settings.TrainInput, global_batch: int,
+                       step: int, process_index: int, process_count: int) -> str | None:
   """The first example of this process's share of global step `step` that the training
   transform cannot decode, with the reason: "path: reason" (None if all decode)."""
   local_batch = global_batch // process_count

@@ -22,7 +22,7 @@ import math
 
 import tensorflow as tf
 
-from spanet_jax.data import randaugment
+from spanet_jax.data import randaugment, settings
 
 
 def sample_crop(height, width, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -141,7 +141,7 @@ def resize_like_pil(image, size: int):
                  lambda: _resize_columns_then_rows(image, size))
 
 
-def train_transform(encoded, seed, config):
+def train_transform(encoded, seed, config: settings.TrainInput):
   """Encoded image -> the recipe's (size, size, 3) uint8 training image: crop, resize,
   flip, RandAugment. Normalisation and random erasing follow on the device
   (`augment.normalize`, `augment.random_erasing`): a quarter of the bytes to move, and

@@ -29,8 +29,6 @@ class ModelInfo:
   paper_top1: float | None = None
   paper_params_m: float | None = None
   paper_macs_g: float | None = None
-  train_drop_path: float | None = None  # the official recipe's stochastic depth rate
-  train_head_dropout: float | None = None  # SPANetV2's MLP-head dropout in training
   release_file: str | None = None
 
 
@@ -38,13 +36,14 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {"spanet": spanet.SPANet,
                                                   "spanetv2": spanetv2.SPANetV2}
 _SMALL_DIMS = (64, 128, 320, 512)
 _BASE_DIMS = (96, 192, 384, 768)
-# name: (layers, dims, top-1, params M, MACs G, crop_pct, drop path, official release file)
+# name: (layers, dims, top-1, params M, MACs G, crop_pct, official release file). The
+# training recipes (drop path and the rest) are in configs/.
 _SPANET_FACTS = {
-    "spanet_s": ((4, 4, 12, 4), _SMALL_DIMS, 83.1, 28.7, 4.6, 0.9, 0.1, "spanet-small.pth"),
-    "spanet_m": ((6, 6, 18, 6), _SMALL_DIMS, 83.5, 41.8, 6.8, 0.9, 0.2, "spanet-medium.pth"),
-    "spanet_mx": ((8, 8, 24, 8), _SMALL_DIMS, 83.8, 54.9, 9.0, 0.9, None, "spanet-mediumX.pth"),
-    "spanet_b": ((6, 6, 18, 6), _BASE_DIMS, 84.0, 75.9, 12.0, 0.95, 0.3, "spanet-base.pth"),
-    "spanet_bx": ((8, 8, 24, 8), _BASE_DIMS, 84.4, 99.8, 15.8, 0.95, None, "spanet-baseX.pth"),
+    "spanet_s": ((4, 4, 12, 4), _SMALL_DIMS, 83.1, 28.7, 4.6, 0.9, "spanet-small.pth"),
+    "spanet_m": ((6, 6, 18, 6), _SMALL_DIMS, 83.5, 41.8, 6.8, 0.9, "spanet-medium.pth"),
+    "spanet_mx": ((8, 8, 24, 8), _SMALL_DIMS, 83.8, 54.9, 9.0, 0.9, "spanet-mediumX.pth"),
+    "spanet_b": ((6, 6, 18, 6), _BASE_DIMS, 84.0, 75.9, 12.0, 0.95, "spanet-base.pth"),
+    "spanet_bx": ((8, 8, 24, 8), _BASE_DIMS, 84.4, 99.8, 15.8, 0.95, "spanet-baseX.pth"),
 }
 
 _V2_LAYERS = {"s18": (3, 3, 9, 3), "s36": (3, 12, 18, 3), "m36": (3, 12, 18, 3),
@@ -53,13 +52,12 @@ _V2_DIMS = {"s18": _SMALL_DIMS, "s36": _SMALL_DIMS, "m36": (96, 192, 384, 576),
             "b36": (128, 256, 512, 768)}
 _V2_MIXERS = {"pure": ("exspam",) * 4,
               "hybrid": ("exspam", "exspam", "mixattention", "attention")}
-# (top-1, params M, MACs G, drop path, head dropout) from the paper and the official
-# training scripts.
+# (top-1, params M, MACs G) from the paper; the training recipes are in configs/.
 _V2_FACTS = {
-    ("s18", "pure"): (83.4, 29, 4.2, 0.2, 0.0), ("s18", "hybrid"): (83.9, 27, 4.2, 0.15, 0.0),
-    ("s36", "pure"): (84.4, 44, 8.1, 0.3, 0.0), ("s36", "hybrid"): (84.7, 41, 8.1, 0.3, 0.4),
-    ("m36", "pure"): (84.9, 61, 13.7, 0.4, 0.0), ("m36", "hybrid"): (85.3, 58, 13.6, 0.4, 0.4),
-    ("b36", "pure"): (85.0, 100, 24.3, 0.6, 0.0), ("b36", "hybrid"): (85.6, 100, 23.9, 0.6, 0.5),
+    ("s18", "pure"): (83.4, 29, 4.2), ("s18", "hybrid"): (83.9, 27, 4.2),
+    ("s36", "pure"): (84.4, 44, 8.1), ("s36", "hybrid"): (84.7, 41, 8.1),
+    ("m36", "pure"): (84.9, 61, 13.7), ("m36", "hybrid"): (85.3, 58, 13.6),
+    ("b36", "pure"): (85.0, 100, 24.3), ("b36", "hybrid"): (85.6, 100, 23.9),
 }
 
 
@@ -67,16 +65,15 @@ def _published_models() -> list[ModelInfo]:
   spanet_models = [
       ModelInfo(name=name, family="spanet", architecture=dict(layers=layers, dims=dims),
                 crop_pct=crop_pct, paper_top1=top1, paper_params_m=params_m,
-                paper_macs_g=macs_g, train_drop_path=drop_path, release_file=release)
-      for name, (layers, dims, top1, params_m, macs_g, crop_pct, drop_path, release)
+                paper_macs_g=macs_g, release_file=release)
+      for name, (layers, dims, top1, params_m, macs_g, crop_pct, release)
       in _SPANET_FACTS.items()]
   spanetv2_models = [
       ModelInfo(name=f"spanetv2_{size}_{kind}", family="spanetv2",
                 architecture=dict(layers=_V2_LAYERS[size], dims=_V2_DIMS[size],
                                   token_mixers=_V2_MIXERS[kind]),
-                crop_pct=1.0, paper_top1=top1, paper_params_m=params_m, paper_macs_g=macs_g,
-                train_drop_path=drop_path, train_head_dropout=head_dropout)
-      for (size, kind), (top1, params_m, macs_g, drop_path, head_dropout)
+                crop_pct=1.0, paper_top1=top1, paper_params_m=params_m, paper_macs_g=macs_g)
+      for (size, kind), (top1, params_m, macs_g)
       in _V2_FACTS.items()]
   return spanet_models + spanetv2_models
 

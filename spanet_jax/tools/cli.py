@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import threading
 from typing import Callable
 
 from spanet_jax import errors, outputs
@@ -16,10 +18,51 @@ class UsageError(errors.UserError):
   """A bad argument; the message says which and why."""
 
 
+def ignore_failed_read_reports() -> None:
+  """Drop the reports Orbax and TensorStore leave behind a failed checkpoint read or
+  write (one per array still in flight: "Event loop is closed" from their threads, the
+  same read or disk-full error again from abandoned coroutines). The failure itself is
+  reported, as one line, by whoever caught it; every other report passes through.
+  Process-wide, so the entry points install it (run below, train.py), once."""
+  if getattr(sys.excepthook, "ignores_failed_read_reports", False):
+    return
+  previous_except, previous_thread = sys.excepthook, threading.excepthook
+  previous_unraisable = sys.unraisablehook
+
+  def aftermath(value) -> bool:
+    return ((isinstance(value, RuntimeError) and str(value) == "Event loop is closed")
+            or "Encountered error while reading array index" in str(value)
+            or pretrained.is_write_failure(value))
+
+  def except_hook(kind, value, traceback):
+    if not (aftermath(value) and threading.current_thread() is not threading.main_thread()):
+      previous_except(kind, value, traceback)
+
+  def thread_hook(report):
+    if not aftermath(report.exc_value):
+      previous_thread(report)
+
+  def unraisable_hook(report):
+    if not aftermath(report.exc_value):
+      previous_unraisable(report)
+
+  except_hook.ignores_failed_read_reports = True
+  sys.excepthook, threading.excepthook = except_hook, thread_hook
+  sys.unraisablehook = unraisable_hook
+
+  def console_filter(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (aftermath(record.getMessage()) or (error is not None and aftermath(error)))
+
+  for handler in logging.getLogger().handlers:  # log files keep the whole story
+    if not isinstance(handler, logging.FileHandler):
+      handler.addFilter(console_filter)
+
+
 def run(main: Callable[[], int]) -> int:
   """Call `main`; a user error (errors.UserError) becomes `error: ...` on stderr and exit
   status 2. Every command-line tool goes through here."""
-  pretrained.ignore_failed_read_reports()
+  ignore_failed_read_reports()
   try:
     return main()
   except errors.UserError as err:

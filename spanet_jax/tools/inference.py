@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 
 from spanet_jax.data import labels, preprocess
 from spanet_jax.models import pretrained, registry
-from spanet_jax.train import steps
+from spanet_jax.train import settings
 from spanet_jax.train import workdir as workdir_layout
 from spanet_jax.models.pretrained import CheckpointError
 from spanet_jax.data.preprocess import DataConfig
@@ -121,7 +121,8 @@ def _load_workdir_best(workdir: str, overrides: dict) -> LoadedModel:
       config = json.load(f)
     name = config["model"]
     registry.model_info(name)
-    options = steps.described_options(steps.model_options(config))
+    options = settings.described_options(
+        settings.ModelOptions.from_config(config).create_options())
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
     raise CheckpointError(f"{workdir}/config.json is not a train.py config: {err}") from None
   best = os.path.join(workdir, workdir_layout.BEST_DIR)

@@ -26,8 +26,10 @@ from jax.experimental import multihost_utils
 
 from spanet_jax import errors, outputs
 from spanet_jax.data import pipeline, preprocess, randaugment
+from spanet_jax.data import settings as data_settings
 from spanet_jax.models import flops, pretrained, registry
-from spanet_jax.train import checkpoints, mesh, monitoring, run_lock, schedules, steps
+from spanet_jax.train import (checkpoints, mesh, monitoring, run_lock, schedules, settings,
+                              steps)
 from spanet_jax.train import workdir as workdir_layout
 
 
@@ -219,7 +221,8 @@ def validate(config, num_devices: int) -> None:
       raise ConfigError(f"config.model_overrides.{key}={value}: give four positive whole "
                         "numbers, one per stage")
   try:
-    model = registry.build_model(config.model, **steps.model_options(config))
+    model = registry.build_model(
+        config.model, **settings.ModelOptions.from_config(config).create_options())
   except ValueError as err:
     raise ConfigError(str(err)) from None
   try:  # shapes only: nothing is computed
@@ -235,7 +238,7 @@ def recipe_warnings(config, steps_per_epoch: int, num_classes: int | None) -> li
   """Settings that run but whose numbers make little sense for this data (a recipe meant
   for ImageNet on a small dataset, typically): one line each."""
   warnings = []
-  peak = schedules.peak_lr(config)
+  peak = settings.Schedule.from_config(config).peak_lr
   if peak < 1e-5:
     warnings.append(
         f"the peak learning rate is {peak:.2g} (config.lr {config.lr:g} x "
@@ -314,7 +317,8 @@ def take_num_classes_from_data(config) -> None:
   if config.num_classes != -1:
     return
   try:
-    classes = pipeline.dataset_num_classes(pipeline.make_builder(config))
+    classes = pipeline.dataset_num_classes(
+        pipeline.make_builder(data_settings.DatasetSource.from_config(config)))
   except pipeline.DataError as err:
     raise ConfigError(str(err)) from None
   if classes is None:
@@ -355,7 +359,7 @@ def load_data(config, process: int, processes: int) -> Data:
   try:
     if process != 0:
       multihost_utils.sync_global_devices("dataset prepared")
-    builder = pipeline.make_builder(config)
+    builder = pipeline.make_builder(data_settings.DatasetSource.from_config(config))
     if process == 0 and processes > 1:
       multihost_utils.sync_global_devices("dataset prepared")
     classes = pipeline.dataset_num_classes(builder)
@@ -437,7 +441,6 @@ def run(config, workdir: str, *, cluster: Cluster | None = None,
     LossNotFinite: the loss became NaN or infinite (nothing saved after it).
   """
   quiet_console(verbose)
-  pretrained.ignore_failed_read_reports()
   start_cluster(cluster)
   expand_paths(config)
   adopt_init_from_model(config)
@@ -500,16 +503,18 @@ def set_up(config, workdir: str, data: Data, previous_config: dict, process: int
                       f"{data.train.num_examples} training examples")
   # Every sharding comes from `partitioning`.
   partitioning = mesh.Partitioning.create(config.mesh_model)
-  options = steps.model_options(config)
+  options = settings.ModelOptions.from_config(config).create_options()
   model = registry.build_model(config.model, dtype=jnp.dtype(config.dtype), **options)
-  schedule = schedules.learning_rate_schedule(config, steps_per_epoch)
-  optimizer = steps.make_optimizer(config, schedule)
+  schedule_settings = settings.Schedule.from_config(config)
+  schedule = schedules.learning_rate_schedule(schedule_settings, steps_per_epoch)
+  optimizer = steps.make_optimizer(settings.Optimiser.from_config(config), schedule)
   size = config.image_size
 
   def fresh_state(rng):
     params_rng, state_rng = jax.random.split(rng)
     params = model.init(params_rng, jnp.zeros((1, size, size, 3)))["params"]
-    return steps.init_state(model, optimizer, params, config, state_rng)
+    return steps.init_state(model, optimizer, params,
+                            settings.StepOptions.from_config(config), state_rng)
 
   abstract = jax.eval_shape(fresh_state, jax.random.PRNGKey(config.seed))
   state_sharding = partitioning.state(abstract)
@@ -523,7 +528,7 @@ def set_up(config, workdir: str, data: Data, previous_config: dict, process: int
                                            best_mode="max"))
   setup = Run(config, workdir, data, model, options, partitioning, schedule, optimizer,
               state_sharding, manager, best_manager, eval_data, steps_per_epoch,
-              schedules.total_epochs(config) * steps_per_epoch, process, processes)
+              schedule_settings.total_epochs * steps_per_epoch, process, processes)
   try:
     latest = manager.latest_step()
     check_data_order(workdir, config, data.train.num_examples, latest is not None,
@@ -594,7 +599,7 @@ def save_final(setup: Run, state, step: int) -> str:
   params = state.ema_params if state.ema_params is not None else state.params
   params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
   pretrained.save_pretrained(final, setup.config.model, params,
-                             steps.described_options(setup.options),
+                             settings.described_options(setup.options),
                              extra={"source": "train.py", "step": step,
                                     "data": dataclasses.asdict(setup.eval_data),
                                     "class_names": setup.data.class_names}, overwrite=True)
@@ -618,9 +623,10 @@ def train(setup: Run, state, resumed_at: int | None) -> None:  # pylint: disable
   info = registry.model_info(config.model)
   log_to_file(workdir)
   writer = MetricWriter(workdir, process == 0, resumed_at)
+  step_options = settings.StepOptions.from_config(config)
   train_fn = jax.jit(
       lambda s, b: steps.train_step(s, b, model=setup.model, optimizer=setup.optimizer,
-                                    config=config, mean=info.mean, std=info.std),
+                                    options=step_options, mean=info.mean, std=info.std),
       in_shardings=(setup.state_sharding, partitioning.batch),
       out_shardings=(setup.state_sharding, partitioning.replicated), donate_argnums=(0,))
   eval_fn = jax.jit(lambda p, b: steps.eval_step(p, b, model=setup.model),
@@ -640,7 +646,9 @@ def train(setup: Run, state, resumed_at: int | None) -> None:  # pylint: disable
   first_step = step
   # The input pipeline is closed on every way out: a tf.data iterator left to the
   # interpreter's shutdown can wait forever (or abort) on its reads, which need Python.
-  local_batches = pipeline.train_batches(setup.data.train, config, config.batch_size, step,
+  local_batches = pipeline.train_batches(setup.data.train,
+                                         data_settings.TrainInput.from_config(config),
+                                         config.batch_size, step,
                                          process, processes)
   batches = mesh.prefetch_to_device(local_batches, partitioning)
   devices = jax.device_count()
@@ -686,7 +694,7 @@ def train(setup: Run, state, resumed_at: int | None) -> None:  # pylint: disable
     print(f"training {config.model} on {config.folder or config.dataset}: "
           f"{setup.data.train.num_examples} images, {steps_per_epoch} steps/epoch, "
           f"{total_steps} steps, global batch {config.batch_size} on {devices} devices, "
-          f"peak lr {schedules.peak_lr(config):.3g}", flush=True)
+          f"peak lr {settings.Schedule.from_config(config).peak_lr:.3g}", flush=True)
     print("compiling the training step...", flush=True)
     window_start, window_steps = time.perf_counter(), 0
     profiler.after_step(step, state)

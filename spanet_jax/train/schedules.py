@@ -21,18 +21,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from spanet_jax.train import settings
+
 SCHEDULES = ("cosine_per_epoch", "cosine_per_update")
-
-
-def peak_lr(config) -> float:
-  """config.lr scaled linearly with the images per update: lr * batch_size *
-  grad_accum_steps / lr_base_batch."""
-  return config.lr * config.batch_size * config.grad_accum_steps / config.lr_base_batch
-
-
-def total_epochs(config) -> int:
-  """The epochs a run trains: the schedule's num_epochs plus its cooldown epochs."""
-  return config.num_epochs + config.cooldown_epochs
 
 
 def epoch_lr(epoch: jax.Array, *, peak: float, warmup_lr: float, warmup_epochs: float,
@@ -50,15 +41,15 @@ def update_epochs(count, batches_per_epoch: int, grad_accum_steps: int):
   return ((count + 1) * grad_accum_steps - 1) // batches_per_epoch
 
 
-def learning_rate_schedule(config, batches_per_epoch: int) -> optax.Schedule:
+def learning_rate_schedule(config: settings.Schedule,
+                           batches_per_epoch: int) -> optax.Schedule:
   """The learning rate of each optimizer update (the count optax passes).
 
   Args:
-    config: the training config (lr_schedule, lr, batch_size, lr_base_batch, num_epochs,
-      warmup_epochs, warmup_lr, min_lr, grad_accum_steps).
+    config: the schedule's settings.
     batches_per_epoch: global batches in one epoch (micro-steps when accumulating).
   """
-  peak = peak_lr(config)
+  peak = config.peak_lr
   accum = config.grad_accum_steps
   if config.lr_schedule == "cosine_per_epoch":
     def schedule(count):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from spanet_jax.data import augment
-from spanet_jax.models import registry
+from spanet_jax.train import settings
 
 
 @flax.struct.dataclass
@@ -29,37 +29,8 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-# How the model trains, not what it computes: left out of saved checkpoints' metadata.
-TRAINING_ONLY_OPTIONS = ("drop_path_rate", "head_dropout", "remat")
-
-
-def model_options(config) -> dict[str, Any]:
-  """The create_model options a training config asks for (without dtype): what builds
-  the model in train.py (described_options gives what its saved weights are described
-  with)."""
-  overrides = config["model_overrides"]
-  overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
-  options = {"num_classes": config["num_classes"], "drop_path_rate": config["drop_path_rate"],
-             "remat": bool(config.get("remat", False)), **overrides}
-  family = registry.model_info(config["model"]).family
-  if family == "spanet":
-    options["learnable_masks"] = bool(config["learnable_masks"])
-  elif config["learnable_masks"]:
-    raise ValueError(f"config.learnable_masks: {config['model']}'s masks are always learned; "
-                     "leave it False")
-  if family == "spanetv2":
-    options["head_dropout"] = config.get("head_dropout", 0.0)
-  elif config.get("head_dropout", 0.0):
-    raise ValueError(f"config.head_dropout: {config['model']} has no MLP head (SPANetV2 only)")
-  return options
-
-
-def described_options(options: dict[str, Any]) -> dict[str, Any]:
-  """model_options without TRAINING_ONLY_OPTIONS: what saved weights are described with."""
-  return {k: v for k, v in options.items() if k not in TRAINING_ONLY_OPTIONS}
-
-
-def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(config: settings.Optimiser,
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
   parts = []
   if config.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip))
@@ -75,13 +46,14 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
   return optimizer
 
 
-def init_state(model, optimizer, params, config, rng) -> TrainState:
-  ema = jax.tree.map(jnp.copy, params) if config.ema_decay > 0 else None
+def init_state(model, optimizer, params, options: settings.StepOptions, rng) -> TrainState:
+  ema = jax.tree.map(jnp.copy, params) if options.ema_decay > 0 else None
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params), ema_params=ema, rng=rng)
 
 
-def train_step(state: TrainState, batch: dict, *, model, optimizer, config, mean, std):
+def train_step(state: TrainState, batch: dict, *, model, optimizer,
+               options: settings.StepOptions, mean, std):
   """One micro-step: normalisation (by the model's `mean` and `std`) and random erasing
   of the uint8 images, mixup/cutmix, forward, cross-entropy, update. Pure: jit it with
   the static arguments bound (train/loop.py does).
@@ -91,7 +63,7 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, config, mean
     batch: {"image": uint8 (B, H, W, 3), "label": int32 (B,)}.
     model: the Flax module.
     optimizer: the optax transformation (steps.make_optimizer).
-    config: the training config (mixup, cutmix, label smoothing, EMA, ...).
+    options: random erasing, mixup, cutmix, label smoothing, EMA.
     mean, std: the model's input normalisation (0-1 scale).
 
   Returns:
@@ -100,10 +72,10 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, config, mean
   step_rng = jax.random.fold_in(state.rng, state.step)
   mix_rng, dropout_rng, erase_rng = jax.random.split(step_rng, 3)
   images = augment.normalize(batch["image"], mean, std)
-  images = augment.random_erasing(erase_rng, images, config.random_erasing)
+  images = augment.random_erasing(erase_rng, images, options.random_erasing)
   images, targets = augment.mix_batch(
-      mix_rng, images, batch["label"], config.num_classes, config.mixup,
-      config.cutmix, config.mixup_switch_prob, config.label_smoothing)
+      mix_rng, images, batch["label"], options.num_classes, options.mixup,
+      options.cutmix, options.mixup_switch_prob, options.label_smoothing)
 
   def loss_fn(params):
     logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
@@ -114,7 +86,7 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, config, mean
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
   if ema is not None:
-    ema = jax.tree.map(lambda e, p: config.ema_decay * e + (1 - config.ema_decay) * p,
+    ema = jax.tree.map(lambda e, p: options.ema_decay * e + (1 - options.ema_decay) * p,
                        ema, params)
   metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,

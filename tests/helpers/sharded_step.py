@@ -19,6 +19,7 @@ import optax
 import spanet_jax
 from configs import default
 from spanet_jax.train import mesh, steps
+from spanet_jax.train import settings
 
 
 def sharded_step(model, params, num_devices: int, model_axis: int, grads_path: str) -> dict:
@@ -27,7 +28,8 @@ def sharded_step(model, params, num_devices: int, model_axis: int, grads_path: s
   config.drop_path_rate = 0.0
   partitioning = mesh.Partitioning.create(model_axis, jax.devices()[:num_devices])
   optimizer = optax.sgd(1.0)  # so that params - new params = gradients
-  state = steps.init_state(model, optimizer, params, config, jax.random.PRNGKey(1))
+  state = steps.init_state(model, optimizer, params, settings.of(config).step,
+                           jax.random.PRNGKey(1))
   sharding = partitioning.state(jax.eval_shape(lambda: state))
   state = jax.device_put(state, sharding)
   rng = np.random.default_rng(0)
@@ -36,7 +38,7 @@ def sharded_step(model, params, num_devices: int, model_axis: int, grads_path: s
       "label": rng.integers(0, 10, 16).astype(np.int32)})
 
   step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, optimizer=optimizer,
-                                                  config=config, mean=(0.5,) * 3,
+                                                  options=settings.of(config).step, mean=(0.5,) * 3,
                                                   std=(0.25,) * 3),
                  in_shardings=(sharding, partitioning.batch), out_shardings=(sharding, None))
   new_state, metrics = step(state, batch)
