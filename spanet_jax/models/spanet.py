@@ -14,8 +14,6 @@ from spanet_jax.models import layers, metaformer, spectral
 from spanet_jax.ops import platform
 
 Dtype = Any
-# How the spectral filter is computed; all are exact (see spectral.py).
-SPECTRAL_IMPLS = platform.SPECTRAL_IMPLS
 
 
 class SPAM(nn.Module):
@@ -30,17 +28,13 @@ class SPAM(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    platform.check_option("spectral_impl", self.spectral_impl, SPECTRAL_IMPLS)
-    platform.check_option("depthwise_impl", self.depthwise_impl, platform.DEPTHWISE_IMPLS)
-    if self.spectral_impl == "lowrank" and self.learnable_masks:
-      raise ValueError("spectral_impl='lowrank' needs the fixed masks; with learnable masks "
-                       "use 'fft' or 'dft'")
+    platform.check_filter_options(self.spectral_impl, self.depthwise_impl,
+                                  fixed_masks=not self.learnable_masks)
     super().__post_init__()
 
   def _spectral_impl(self) -> str:
-    if self.spectral_impl == "auto":
-      return platform.spectral_impl(fixed_masks=not self.learnable_masks)
-    return self.spectral_impl
+    return platform.resolve_spectral_impl(self.spectral_impl,
+                                          fixed_masks=not self.learnable_masks)
 
   def _filter(self, x: jax.Array) -> jax.Array:
     """The spectral pooling filter of every channel chunk by FFT or DFT, in float32

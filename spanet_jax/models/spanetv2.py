@@ -61,14 +61,12 @@ class ExSPAM(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    platform.check_option("spectral_impl", self.spectral_impl, SPECTRAL_IMPLS)
-    platform.check_option("depthwise_impl", self.depthwise_impl, platform.DEPTHWISE_IMPLS)
+    platform.check_filter_options(self.spectral_impl, self.depthwise_impl, fixed_masks=False,
+                                  allowed=SPECTRAL_IMPLS)
     super().__post_init__()
 
   def _spectral_impl(self) -> str:
-    if self.spectral_impl == "auto":
-      return platform.spectral_impl()
-    return self.spectral_impl
+    return platform.resolve_spectral_impl(self.spectral_impl, fixed_masks=False)
 
   def _half_masks(self, group: int, height: int, width: int) -> jax.Array:
     """sigmoid(filter_i) of every group at this feature size, as (H, W // 2 + 1, C)."""

@@ -65,6 +65,21 @@ def check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
     raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(allowed)}")
 
 
+def check_filter_options(spectral_impl_option: str, depthwise_impl_option: str, *,
+                         fixed_masks: bool, allowed: tuple[str, ...] = SPECTRAL_IMPLS) -> None:
+  """The options of a spectral token mixer (SPAM, ExSPAM), checked when it is built."""
+  check_option("spectral_impl", spectral_impl_option, allowed)
+  check_option("depthwise_impl", depthwise_impl_option, DEPTHWISE_IMPLS)
+  if spectral_impl_option == "lowrank" and not fixed_masks:
+    raise ValueError("spectral_impl='lowrank' needs the fixed masks; with learnable masks "
+                     "use 'fft' or 'dft'")
+
+
+def resolve_spectral_impl(option: str, *, fixed_masks: bool) -> str:
+  """A spectral_impl option with "auto" resolved (spectral_impl below)."""
+  return spectral_impl(fixed_masks) if option == "auto" else option
+
+
 def spectral_impl(fixed_masks: bool = False) -> str:
   """The spectral filter: with SPANet's fixed masks the low-rank form everywhere (two
   small products, exact); with learned or unconstrained masks FFTs on CPU, elsewhere
