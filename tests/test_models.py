@@ -148,16 +148,24 @@ def test_depthwise_implementations_agree(size, tiny_variables):
                              rtol=1e-5, atol=1e-5)
 
 
+def lax_depthwise(x, kernel, bias, channels_first=False):
+  """lax's grouped convolution with PyTorch's padding: the reference the shifted sums
+  are checked against."""
+  kh, kw = kernel.shape[:2]
+  layout = "NCHW" if channels_first else "NHWC"
+  y = jax.lax.conv_general_dilated(
+      x, kernel[:, :, None, :], (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+      dimension_numbers=(layout, "HWIO", layout), feature_group_count=kernel.shape[-1],
+      precision=jax.lax.Precision.HIGHEST)
+  return y + (bias[:, None, None] if channels_first and bias.ndim else bias)
+
+
 @pytest.mark.parametrize("kernel_size", [(1, 7), (7, 1), (3, 3), (5, 1), (1, 1)])
 def test_shifted_depthwise_sum_is_the_grouped_convolution(kernel_size, rng):
   x = rng.standard_normal((2, 9, 11, 6)).astype(np.float32)
   kernel = rng.standard_normal(kernel_size + (6,)).astype(np.float32)
   bias = rng.standard_normal(6).astype(np.float32)
-  kh, kw = kernel_size
-  want = jax.lax.conv_general_dilated(
-      x, kernel[:, :, None, :], (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6,
-      precision=jax.lax.Precision.HIGHEST) + bias
+  want = lax_depthwise(x, kernel, bias)
   got = depthwise.shifted_depthwise_sum(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias))
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
 
@@ -173,20 +181,13 @@ def test_shifted_depthwise_sum_gradient_is_the_grouped_convolutions(kernel_size,
   heights here cut them every way it does (by the whole batch, by a divisor of it, by
   the batch times a power of two of the next axis, not at all), and a scalar zero bias
   stands for no bias."""
-  kh, kw = kernel_size
   x = jnp.asarray(rng.standard_normal((batch, height, 11, 6)), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal(kernel_size + (6,)), jnp.float32)
   bias = (jnp.asarray(rng.standard_normal(6), jnp.float32) if use_bias
           else jnp.zeros((), jnp.float32))
   weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
 
-  def grouped(x, kernel, bias):
-    y = jax.lax.conv_general_dilated(
-        x, kernel[:, :, None, :], (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6,
-        precision=jax.lax.Precision.HIGHEST) + bias
-    return jnp.sum(y * weights)
-
+  grouped = lambda x, kernel, bias: jnp.sum(lax_depthwise(x, kernel, bias) * weights)
   shifted = lambda x, kernel, bias: jnp.sum(
       depthwise.shifted_depthwise_sum(x, kernel, bias) * weights)
   want = jax.grad(grouped, argnums=(0, 1, 2))(x, kernel, bias)
@@ -487,23 +488,17 @@ def test_channels_first_depthwise_sum_and_its_gradient_are_the_grouped_convoluti
     kernel_size, use_bias, rng):
   """The (B, C, H, W) form ExSPAM uses on CPU, value and (x, kernel, bias) gradients,
   against autodiff of lax's grouped convolution in NCHW."""
-  kh, kw = kernel_size
   x = jnp.asarray(rng.standard_normal((3, 6, 9, 11)), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal(kernel_size + (6,)), jnp.float32)
   bias = (jnp.asarray(rng.standard_normal(6), jnp.float32) if use_bias
           else jnp.zeros((), jnp.float32))
   weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
 
-  def grouped(x, kernel, bias):
-    y = jax.lax.conv_general_dilated(
-        x, kernel[:, :, None, :], (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
-        dimension_numbers=("NCHW", "HWIO", "NCHW"), feature_group_count=6,
-        precision=jax.lax.Precision.HIGHEST)
-    return y + (bias[:, None, None] if bias.ndim else bias)
-
+  grouped = lambda x, kernel, bias: lax_depthwise(x, kernel, bias, channels_first=True)
   shifted = lambda x, kernel, bias: depthwise.shifted_depthwise_sum(x, kernel, bias, True)
-  np.testing.assert_allclose(jax.jit(shifted)(x, kernel, bias), grouped(x, kernel, bias),
-                             rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(grouped(x, kernel, bias)))))
+  want = grouped(x, kernel, bias)
+  np.testing.assert_allclose(jax.jit(shifted)(x, kernel, bias), want, rtol=0,
+                             atol=2e-6 * float(jnp.max(jnp.abs(want))))
   loss = lambda f: lambda x, kernel, bias: jnp.sum(f(x, kernel, bias) * weights)
   want = jax.grad(loss(grouped), argnums=(0, 1, 2))(x, kernel, bias)
   got = jax.jit(jax.grad(loss(shifted), argnums=(0, 1, 2)))(x, kernel, bias)

@@ -96,8 +96,8 @@ class ExSPAM(nn.Module):
     if channels_first:
       # ctx straight into (B, C, H, W), where the convolutions and FFTs run without
       # transposes: XLA:CPU fused the convolutions into the transposes otherwise, with
-      # strided reads for every tap (SPANetV2-S18's first-stage ExSPAM: 0.6 of the time
-      # forward, 0.7 with its gradient).
+      # strided reads for every tap (SPANetV2-S18's first-stage ExSPAM: 0.6 of the time,
+      # forward and with its gradient).
       ctx = ChannelsFirstDense(channels, self.dtype, self.param_dtype, name="ctx")(x)
       group_of = lambda i: ctx[:, i * group:(i + 1) * group]
     else:

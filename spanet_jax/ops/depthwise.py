@@ -50,6 +50,15 @@ def _fold_count(batch: int, rows: int, target: int = 8) -> int:
   return count
 
 
+def _add_slices(stacked: jax.Array) -> jax.Array:
+  """stacked[0] + stacked[1] + ...: elementwise adds, which XLA fuses into one pass with
+  the products that make them (a reduction over axis 0 would materialise them first)."""
+  total = stacked[0]
+  for i in range(1, stacked.shape[0]):
+    total = total + stacked[i]
+  return total
+
+
 def tap_gradients(views: list[jax.Array], grad_y: jax.Array) -> jax.Array:
   """sum over positions of view * grad_y for each view (B, S, ..., C), grad_y shaped like
   the views: (taps, C), float32.
@@ -68,11 +77,7 @@ def tap_gradients(views: list[jax.Array], grad_y: jax.Array) -> jax.Array:
   count = _fold_count(shape[0], shape[1])
 
   def folded(view):
-    product = (view * grad_y).astype(jnp.float32).reshape(count, -1, channels)
-    total = product[0]
-    for i in range(1, count):
-      total = total + product[i]
-    return total
+    return _add_slices((view * grad_y).astype(jnp.float32).reshape(count, -1, channels))
 
   return jnp.sum(jnp.stack([folded(view) for view in views], axis=-2), axis=0)
 
@@ -80,13 +85,7 @@ def tap_gradients(views: list[jax.Array], grad_y: jax.Array) -> jax.Array:
 def _channels_first_tap_gradients(views: list[jax.Array], grad_y: jax.Array) -> jax.Array:
   """tap_gradients for (B, C, H, W) views: each tap's products added over the batch
   elementwise in one pass (as tap_gradients folds the positions), then reduced."""
-  def folded(view):
-    product = (view * grad_y).astype(jnp.float32)
-    total = product[0]
-    for i in range(1, product.shape[0]):
-      total = total + product[i]
-    return total
-
+  folded = lambda view: _add_slices((view * grad_y).astype(jnp.float32))
   return jnp.sum(jnp.stack([folded(view) for view in views]), axis=(2, 3))
 
 

@@ -10,7 +10,6 @@ import threading
 from typing import Callable
 
 from spanet_jax import errors, outputs
-from spanet_jax.data import labels, preprocess
 from spanet_jax.models import pretrained
 
 
