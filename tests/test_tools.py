@@ -502,6 +502,47 @@ def test_benchmark_script_reports_both_frameworks_and_memory(tmp_path):
     assert measured[f"{framework}_train_step_growth_mib"] >= 0
 
 
+def test_block_benchmark_times_each_part_in_both_frameworks():
+  """benchmarks/blocks.py at a small size, one stage (timings are not checked: every
+  part is measured in both frameworks, the ratios are the times' ratios and the stage
+  total weighs the parts by the stage's depth)."""
+  result = subprocess.run(
+      [sys.executable, "benchmarks/blocks.py", "--model", "spanetv2_s18_hybrid", "--stages",
+       "2", "--size", "64", "--batch", "1", "--warmup", "0", "--repeats", "1"],
+      cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = {m.group(1): [float(v) for v in m.group(2).split()] for m in re.finditer(
+      r"^(stage 2.*?|blocks of the stages above)\s+((?:[\d.]+\s+){5}[\d.]+)$",
+      result.stdout, re.M)}
+  parts = {"mixattention": "stage 2 (320 x 4^2) mixattention",
+           "mlp": "stage 2 (320 x 4^2) mlp", "norm": "stage 2 (320 x 4^2) norm"}
+  assert set(rows) == {*parts.values(), "stage 2: 9 blocks", "blocks of the stages above"}, (
+      result.stdout)
+  def ratio_of_rounded(torch_ms, jax_ms, ratio):  # every figure printed to 0.01
+    low = (torch_ms - 0.005) / (jax_ms + 0.005) - 0.005
+    high = (torch_ms + 0.005) / max(jax_ms - 0.005, 1e-9) + 0.005
+    return low <= ratio <= high
+
+  for jax_fwd, torch_fwd, fwd_ratio, jax_grad, torch_grad, grad_ratio in rows.values():
+    assert min(jax_fwd, torch_fwd, jax_grad, torch_grad) > 0
+    assert ratio_of_rounded(torch_fwd, jax_fwd, fwd_ratio), result.stdout
+    assert ratio_of_rounded(torch_grad, jax_grad, grad_ratio), result.stdout
+  for column in (0, 1, 3, 4):  # nine blocks: one mixer, one MLP and two norms each
+    expected = 9 * (rows[parts["mixattention"]][column] + rows[parts["mlp"]][column]
+                    + 2 * rows[parts["norm"]][column])
+    assert rows["stage 2: 9 blocks"][column] == pytest.approx(expected, abs=0.2)  # 36 roundings
+  assert rows["blocks of the stages above"] == rows["stage 2: 9 blocks"]
+  for args, message in ((["--model", "spanet_s"], "spanet_s is not a SPANetV2 model"),
+                        (["--model", "nope"], "unknown model 'nope'; available: "),
+                        (["--stages", "4"], "--stages takes stage numbers 0 to 3")):
+    refused = subprocess.run([sys.executable, "benchmarks/blocks.py", *args], cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": REPO}, capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 1 and refused.stderr.startswith(message), refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_spectral_analysis_takes_an_input_size_and_warns_on_tiny_maps(tmp_path):
   photo = preprocess.sample_photo_paths()[0]
   code, _, stderr = run_main(spectral_analysis.main, "--checkpoint", f"init:{TINY}",
