@@ -96,6 +96,16 @@ def _timm_stand_ins():
           "timm.data": data}
 
 
+def import_official(official_file: str) -> types.ModuleType:
+  """The official spanet.py or spanetv2.py as a module, with the timm stand-ins."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  sys.modules.update(_timm_stand_ins())
+  spec = importlib.util.spec_from_file_location("official_spanet", official_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def build_torch_model(name: str, official_file: str | None):
   from spanet_jax.models import registry  # pylint: disable=g-import-not-at-top
 
@@ -105,11 +115,7 @@ def build_torch_model(name: str, official_file: str | None):
     builder = (spanetv2_torch.SPANetV2 if info.family == "spanetv2"
                else spanet_torch.SPANet)
     return builder(**info.architecture), "reference"
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  sys.modules.update(_timm_stand_ins())
-  spec = importlib.util.spec_from_file_location("official_spanet", official_file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = import_official(official_file)
   # SPANetV2's official builders carry our model names.
   builder = getattr(module, OFFICIAL_BUILDERS.get(name, name), None)
   if builder is None:
@@ -264,7 +270,7 @@ def _inputs(args):
   return batch, rng.integers(0, 1000, args.batch).astype(np.int64)
 
 
-def _timed(fn) -> float:
+def timed(fn) -> float:
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start
@@ -287,7 +293,7 @@ def benchmark_model(name: str, args) -> dict:
     times = {"jax": [], "torch": []}
     for _ in range(args.repeats):  # alternate, so drifts in machine load hit both
       for framework in ("jax", "torch"):
-        times[framework].append(_timed(runners[framework][mode]))
+        times[framework].append(timed(runners[framework][mode]))
     for framework, samples in times.items():
       result[f"{framework}_{mode}_img_s"] = args.batch / statistics.median(samples)
     result[f"{mode}_ratio"] = result[f"jax_{mode}_img_s"] / result[f"torch_{mode}_img_s"]

@@ -20,7 +20,6 @@ The PyTorch side is our reference (spanet_jax.reference.spanetv2_torch) unless
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -50,14 +49,6 @@ def parse_args(argv=None):
                       help="keep: glibc keeps freed memory, for both frameworks (as train.py "
                            "does on CPU)")
   return parser.parse_args(argv)
-
-
-def _official_module(path: str):
-  sys.modules.update(benchmark._timm_stand_ins())  # pylint: disable=protected-access
-  spec = importlib.util.spec_from_file_location("official_spanetv2", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def torch_part(part: str, mixer: str, dim: int, size: int, official):
@@ -145,7 +136,7 @@ def time_part(runners: dict, args) -> dict:
         # So one untimed call, then the mean of a burst.
         run()
         samples[framework].append(
-            sum(benchmark._timed(run) for _ in range(args.calls)) / args.calls)  # pylint: disable=protected-access
+            sum(benchmark.timed(run) for _ in range(args.calls)) / args.calls)
     for framework, times in samples.items():
       medians[framework, mode] = statistics.median(times)
   return medians
@@ -188,7 +179,7 @@ def main(argv=None) -> None:
   import torch  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(os.cpu_count())
-  official = _official_module(args.official_file) if args.official_file else None
+  official = benchmark.import_official(args.official_file) if args.official_file else None
   architecture = info.architecture
   print(f"machine: {benchmark.machine_description()}")
   print(f"{args.model} blocks against the {'official' if official else 'reference'} PyTorch "

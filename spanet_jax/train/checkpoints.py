@@ -186,8 +186,8 @@ def restore_train_state(workdir: str, step: int | None = None, sharding=None) ->
     The state as nested dicts of jax.Arrays, keyed as train.py's TrainState.
 
   Raises:
-    CheckpointError: no such checkpoint, or its arrays fail the checksums recorded
-      when it was saved.
+    CheckpointError: no such checkpoint, its data cannot be read, or its arrays fail
+      the checksums recorded when it was saved.
   """
   directory = os.path.abspath(workdir)
   if os.path.isdir(os.path.join(directory, workdir_layout.CHECKPOINTS_DIR)):
@@ -207,7 +207,12 @@ def restore_train_state(workdir: str, step: int | None = None, sharding=None) ->
     target = jax.tree.map(
         lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding), stored,
         is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-    state = manager.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as err:  # pylint: disable=broad-except
+      # Damaged data can fail to decompress before any checksum is compared.
+      raise CheckpointError(f"checkpoint {step} in {directory} cannot be restored "
+                            f"({_first_line(err)})") from None
     damaged = damaged_array(manager, step, state)
     if damaged:
       raise CheckpointError(f"checkpoint {step} in {directory} fails its checksum (first "
