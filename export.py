@@ -59,6 +59,7 @@ def export(args) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
+  from spanet_jax import outputs  # pylint: disable=g-import-not-at-top
   from spanet_jax.models import pretrained  # pylint: disable=g-import-not-at-top
   from spanet_jax.tools import cli, export as exporting, inference  # pylint: disable=g-import-not-at-top
 
@@ -130,7 +131,7 @@ def export(args) -> int:
         loaded, args.format, size, batch, verified, unverified)
     contract_path = exporting.contract_path(args.output)
     cli.write_atomically(os.path.join(staging, "contract.json"), json.dumps(contract, indent=2))
-    exporting.replace_output(artifact, args.output)
+    outputs.replace(artifact, args.output)
     os.replace(os.path.join(staging, "contract.json"), contract_path)
   except OSError as err:  # a full disk, a lost permission
     raise cli.UsageError(pretrained.write_error(args.output, err)) from None

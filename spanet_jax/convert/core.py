@@ -256,7 +256,6 @@ def _check_mask(entry: Entry, stored: np.ndarray, size: int, radius: float) -> N
 
 def _param_shapes(model) -> dict:
   """The Flax model's own parameter shapes (abstract: nothing is computed)."""
-
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32))
   return abstract["params"]
@@ -320,7 +319,6 @@ def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
   Raises:
     ConversionError: no such file, or bytes that are not a checkpoint of tensors.
   """
-
   import torch  # pylint: disable=g-import-not-at-top
 
   if os.path.isdir(path):

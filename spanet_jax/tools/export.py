@@ -141,12 +141,6 @@ def compare(want: np.ndarray, got: np.ndarray) -> float:
   return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def replace_output(artifact: str, path: str) -> None:
-  """Move the finished `artifact` to `path`; an old output there is set aside first and
-  removed only once the new one is in place."""
-  outputs.replace(artifact, path)
-
-
 def contract_path(output: str) -> str:
   """Where the preprocessing description of an artifact goes: OUTPUT.json beside it."""
   return output.rstrip("/") + ".json"

@@ -419,6 +419,7 @@ class Run:
   total_steps: int
   process: int
   processes: int
+  typed: settings.TrainSettings  # the config's typed groups, built once here
 
   def save(self, step: int, state) -> None:
     checkpoints.record_checksums(self.manager, step, state, self.process == 0)
@@ -503,18 +504,17 @@ def set_up(config, workdir: str, data: Data, previous_config: dict, process: int
                       f"{data.train.num_examples} training examples")
   # Every sharding comes from `partitioning`.
   partitioning = mesh.Partitioning.create(config.mesh_model)
-  options = settings.ModelOptions.from_config(config).create_options()
+  typed = settings.of(config)  # config.num_classes is settled by now
+  options = typed.model.create_options()
   model = registry.build_model(config.model, dtype=jnp.dtype(config.dtype), **options)
-  schedule_settings = settings.Schedule.from_config(config)
-  schedule = schedules.learning_rate_schedule(schedule_settings, steps_per_epoch)
-  optimizer = steps.make_optimizer(settings.Optimiser.from_config(config), schedule)
+  schedule = schedules.learning_rate_schedule(typed.schedule, steps_per_epoch)
+  optimizer = steps.make_optimizer(typed.optimiser, schedule)
   size = config.image_size
 
   def fresh_state(rng):
     params_rng, state_rng = jax.random.split(rng)
     params = model.init(params_rng, jnp.zeros((1, size, size, 3)))["params"]
-    return steps.init_state(model, optimizer, params,
-                            settings.StepOptions.from_config(config), state_rng)
+    return steps.init_state(model, optimizer, params, typed.step, state_rng)
 
   abstract = jax.eval_shape(fresh_state, jax.random.PRNGKey(config.seed))
   state_sharding = partitioning.state(abstract)
@@ -528,7 +528,7 @@ def set_up(config, workdir: str, data: Data, previous_config: dict, process: int
                                            best_mode="max"))
   setup = Run(config, workdir, data, model, options, partitioning, schedule, optimizer,
               state_sharding, manager, best_manager, eval_data, steps_per_epoch,
-              schedule_settings.total_epochs * steps_per_epoch, process, processes)
+              typed.schedule.total_epochs * steps_per_epoch, process, processes, typed)
   try:
     latest = manager.latest_step()
     check_data_order(workdir, config, data.train.num_examples, latest is not None,
@@ -623,10 +623,9 @@ def train(setup: Run, state, resumed_at: int | None) -> None:  # pylint: disable
   info = registry.model_info(config.model)
   log_to_file(workdir)
   writer = MetricWriter(workdir, process == 0, resumed_at)
-  step_options = settings.StepOptions.from_config(config)
   train_fn = jax.jit(
       lambda s, b: steps.train_step(s, b, model=setup.model, optimizer=setup.optimizer,
-                                    options=step_options, mean=info.mean, std=info.std),
+                                    options=setup.typed.step, mean=info.mean, std=info.std),
       in_shardings=(setup.state_sharding, partitioning.batch),
       out_shardings=(setup.state_sharding, partitioning.replicated), donate_argnums=(0,))
   eval_fn = jax.jit(lambda p, b: steps.eval_step(p, b, model=setup.model),
@@ -646,10 +645,8 @@ def train(setup: Run, state, resumed_at: int | None) -> None:  # pylint: disable
   first_step = step
   # The input pipeline is closed on every way out: a tf.data iterator left to the
   # interpreter's shutdown can wait forever (or abort) on its reads, which need Python.
-  local_batches = pipeline.train_batches(setup.data.train,
-                                         data_settings.TrainInput.from_config(config),
-                                         config.batch_size, step,
-                                         process, processes)
+  local_batches = pipeline.train_batches(setup.data.train, setup.typed.input,
+                                         config.batch_size, step, process, processes)
   batches = mesh.prefetch_to_device(local_batches, partitioning)
   devices = jax.device_count()
   throughput = monitoring.Throughput(
@@ -694,7 +691,7 @@ def train(setup: Run, state, resumed_at: int | None) -> None:  # pylint: disable
     print(f"training {config.model} on {config.folder or config.dataset}: "
           f"{setup.data.train.num_examples} images, {steps_per_epoch} steps/epoch, "
           f"{total_steps} steps, global batch {config.batch_size} on {devices} devices, "
-          f"peak lr {settings.Schedule.from_config(config).peak_lr:.3g}", flush=True)
+          f"peak lr {setup.typed.schedule.peak_lr:.3g}", flush=True)
     print("compiling the training step...", flush=True)
     window_start, window_steps = time.perf_counter(), 0
     profiler.after_step(step, state)
