@@ -535,7 +535,10 @@ def test_block_benchmark_times_each_part_in_both_frameworks():
   assert rows["blocks of the stages above"] == rows["stage 2: 9 blocks"]
   for args, message in ((["--model", "spanet_s"], "spanet_s is not a SPANetV2 model"),
                         (["--model", "nope"], "unknown model 'nope'; available: "),
-                        (["--stages", "4"], "--stages takes stage numbers 0 to 3")):
+                        (["--stages", "4"], "--stages takes stage numbers 0 to 3"),
+                        (["--official-file", "no/spanetv2.py"], "--official-file "
+                         "no/spanetv2.py: no such file (the official repository's "
+                         "image_classification/models/spanetv2.py)")):
     refused = subprocess.run([sys.executable, "benchmarks/blocks.py", *args], cwd=REPO,
                              env={**os.environ, "PYTHONPATH": REPO}, capture_output=True,
                              text=True, timeout=300)
