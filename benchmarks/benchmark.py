@@ -10,9 +10,9 @@ of: the forward pass (JAX: `create_model(name)` under jax.jit; PyTorch: eval mod
 no_grad) and an AdamW training step (cross-entropy, backward, update), and reports
 the median of the repeats and the JAX/PyTorch ratios, with the lowest and highest
 ratio of a single alternation round (a wide spread marks a noisy run). The training
-step's memory is measured in a fresh process per framework: its footprint (peak RSS
-while steps run after warm-up, minus the RSS before the model was built) and its
-growth above the level between steps.
+step's memory is measured in a fresh process per framework: its footprint (peak
+anonymous resident memory while steps run after warm-up, minus that before the model
+was built) and its growth above the level between steps.
 
 The PyTorch side is our reference (spanet_jax.reference.spanet_torch, spanetv2_torch)
 unless --official-file points at the official repository's spanet.py (or spanetv2.py
@@ -33,6 +33,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -217,22 +218,52 @@ def jax_runners(name: str, torch_model, batch: np.ndarray, labels: np.ndarray,
 # Measurement.
 
 
-def _rss_kib(field: str) -> int:
+def _anonymous_kib() -> int:
+  """RssAnon of /proc/self/status, in KiB: the memory the process allocated, without
+  the libraries' file-backed pages, which the kernel drops and reloads under memory
+  pressure (VmRSS and its peak VmHWM count them, so a footprint read from them could
+  come out below zero)."""
   with open("/proc/self/status") as f:
     for line in f:
-      if line.startswith(field + ":"):
+      if line.startswith("RssAnon:"):
         return int(line.split()[1])
-  raise RuntimeError(f"no {field} in /proc/self/status")
+  raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class AnonymousPeak:
+  """The highest RssAnon (KiB) seen while the block runs, read every `interval`
+  seconds by a thread (the kernel keeps no peak of anonymous memory alone)."""
+
+  def __init__(self, interval: float = 0.001):
+    self.interval = interval
+    self.peak_kib = 0
+    self._done = threading.Event()
+    self._thread = threading.Thread(target=self._watch, daemon=True)
+
+  def _watch(self) -> None:
+    while not self._done.is_set():
+      self.peak_kib = max(self.peak_kib, _anonymous_kib())
+      self._done.wait(self.interval)
+
+  def __enter__(self) -> "AnonymousPeak":
+    self.peak_kib = _anonymous_kib()
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._done.set()
+    self._thread.join()
+    self.peak_kib = max(self.peak_kib, _anonymous_kib())
 
 
 def memory_probe(framework: str, name: str, args) -> None:
   """Child process: the training step's memory, in MiB, two ways.
 
-  footprint: the peak RSS while training steps run, after warm-up, minus the RSS
-  before the model was built: weights, optimizer state, gradients, activations and
-  workspace (for JAX also the compiled code; not the transient memory of compiling,
-  which is returned to the system before the steps are measured).
-  step_growth: how far RSS rises above its level between steps during those steps.
+  footprint: the peak anonymous resident memory while training steps run, after
+  warm-up, minus that before the model was built: weights, optimizer state, gradients,
+  activations and workspace (for JAX also the compiled code; not the transient memory
+  of compiling, which is returned to the system before the steps are measured).
+  step_growth: how far it rises above its level between steps during those steps.
   """
   import ctypes  # pylint: disable=g-import-not-at-top
 
@@ -243,7 +274,7 @@ def memory_probe(framework: str, name: str, args) -> None:
   # The JAX side takes its weights from a PyTorch model built before the baseline, so
   # each side is charged for its own copy of the weights only.
   torch_model = build_torch_model(name, args.official_file)[0] if framework == "jax" else None
-  baseline = _rss_kib("VmRSS")
+  baseline = _anonymous_kib()
   if framework == "jax":
     runners, _ = jax_runners(name, torch_model, batch, labels, jax_options(args.jax_options),
                              modes=("train",))
@@ -252,12 +283,11 @@ def memory_probe(framework: str, name: str, args) -> None:
   for _ in range(args.warmup):
     runners["train"]()
   ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what building and compiling freed
-  between_steps = _rss_kib("VmRSS")
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak (VmHWM) to the current RSS
-  for _ in range(2):
-    runners["train"]()
-  peak = _rss_kib("VmHWM")
+  between_steps = _anonymous_kib()
+  with AnonymousPeak() as watched:
+    for _ in range(2):
+      runners["train"]()
+  peak = watched.peak_kib
   print(json.dumps({"footprint_mib": (peak - baseline) / 1024,
                     "step_growth_mib": (peak - between_steps) / 1024}))
 

@@ -502,6 +502,31 @@ def test_benchmark_script_reports_both_frameworks_and_memory(tmp_path):
     assert measured[f"{framework}_train_step_growth_mib"] >= 0
 
 
+def test_benchmark_memory_peak_sees_a_transient_allocation_and_not_file_pages(tmp_path):
+  """The memory probe's peak: an array allocated, written and freed inside the watched
+  block shows in it; mapping and reading a file (pages the kernel may drop) does not."""
+  data = tmp_path / "pages.bin"
+  data.write_bytes(b"\1" * (256 << 20))
+  script = (
+      "import sys, mmap; sys.path.insert(0, 'benchmarks'); import benchmark, numpy as np\n"
+      f"f = open({str(data)!r}, 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n"
+      "with benchmark.AnonymousPeak() as file_read:\n"
+      "  before = file_read.peak_kib\n"
+      "  total = sum(m[i] for i in range(0, len(m), 4096))\n"
+      "file_growth = file_read.peak_kib - before\n"
+      "with benchmark.AnonymousPeak() as watched:\n"
+      "  before = watched.peak_kib\n"
+      "  block = np.ones(256 << 18, np.float32); block = None\n"
+      "print(file_growth, watched.peak_kib - before, benchmark._anonymous_kib() - before)\n")
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  file_growth, transient_growth, after = (int(v) for v in result.stdout.split())
+  assert file_growth < 32 << 10  # KiB: the 256 MiB of file pages are not counted
+  assert transient_growth >= 240 << 10  # the 256 MiB array was seen while it lived
+  assert after < 32 << 10  # and it is gone after the block
+
+
 def test_block_benchmark_times_each_part_in_both_frameworks():
   """benchmarks/blocks.py at a small size, one stage (timings are not checked: every
   part is measured in both frameworks, the ratios are the times' ratios and the stage
